@@ -1,0 +1,86 @@
+// Input validation and layout helpers shared by the CPU and CUDA kernels of every op.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+namespace fastpix2pix {
+
+// The statistics dtype: float32 for float32/bfloat16/float16 inputs, float64 for float64.
+inline at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              op, ": ", name, " must be float32, float64, bfloat16 or float16, got ", dtype);
+}
+
+inline void check_4d(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the input is on ",
+              ref.device());
+}
+
+// A per-channel vector (statistics, affine weight/bias): 1-D with C elements, on the input's device.
+inline void check_channel_vector(const at::Tensor& ref, const at::Tensor& t, int64_t channels, const char* op,
+                                 const char* name) {
+  check_same_device(ref, t, op, name);
+  TORCH_CHECK(t.dim() == 1 && t.numel() == channels, op, ": ", name, " must have shape (", channels,
+              "), got ", t.sizes());
+  check_floating(t, op, name);
+}
+
+inline void check_optional_channel_vector(const at::Tensor& ref, const std::optional<at::Tensor>& t,
+                                          int64_t channels, const char* op, const char* name) {
+  if (t.has_value() && t->defined()) {
+    check_channel_vector(ref, *t, channels, op, name);
+  }
+}
+
+inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
+  check_same_device(ref, t, op, name);
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have shape ", ref.sizes(), ", got ",
+              t.sizes());
+}
+
+// BatchNorm needs more than one value per channel to estimate a variance (as nn.BatchNorm2d says).
+inline void check_values_per_channel(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.size(1) == 0 || x.numel() / x.size(1) > 1, op,
+              ": expected more than 1 value per channel when training, got input size ", x.sizes());
+}
+
+// The memory layouts the kernels walk directly: NCHW-contiguous and channels_last. Anything else
+// (a strided view, a permutation) is copied into NCHW first.
+enum class Layout { kNCHW, kChannelsLast };
+
+inline Layout layout_of(const at::Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return Layout::kChannelsLast;
+  }
+  return Layout::kNCHW;
+}
+
+inline at::MemoryFormat memory_format_of(Layout layout) {
+  return layout == Layout::kChannelsLast ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// `t` in `layout`, copying only when it is not already laid out that way.
+inline at::Tensor in_layout(const at::Tensor& t, Layout layout) {
+  return t.contiguous(memory_format_of(layout));
+}
+
+// The per-channel optional parameter as a contiguous statistics-dtype vector, or an undefined tensor.
+inline at::Tensor channel_param(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  if (!t.has_value() || !t->defined()) {
+    return at::Tensor();
+  }
+  return t->to(dtype).contiguous();
+}
+
+}  // namespace fastpix2pix

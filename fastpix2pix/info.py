@@ -1,0 +1,93 @@
+"""`fastpix2pix info`: how the package was built and what it can run on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from typing import Any
+
+import torch
+
+import fastpix2pix
+
+
+def device_report() -> list[dict[str, Any]]:
+    """The CPU and every visible CUDA device."""
+    devices: list[dict[str, Any]] = [
+        {
+            "device": "cpu",
+            "name": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        }
+    ]
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        devices.append(
+            {
+                "device": f"cuda:{index}",
+                "name": props.name,
+                "capability": f"{props.major}.{props.minor}",
+                "memory_gib": round(props.total_memory / 2**30, 1),
+                "multiprocessors": props.multi_processor_count,
+            }
+        )
+    return devices
+
+
+def collect() -> dict[str, Any]:
+    """Everything `info` prints, as data (benchmarks store it with their results)."""
+    return {
+        "fastpix2pix": fastpix2pix.__version__,
+        "extension_loaded": fastpix2pix.extension_available(),
+        "default_backend": fastpix2pix.default_backend(),
+        "build": fastpix2pix.BUILD_INFO,
+        "runtime": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "cuda_available": torch.cuda.is_available(),
+        },
+        "devices": device_report(),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    build = report["build"]
+    lines = [
+        f"fastpix2pix {report['fastpix2pix']}",
+        f"  compiled ops:   {'loaded' if report['extension_loaded'] else 'NOT BUILT (reference ops only)'}",
+        f"  default backend: {report['default_backend']}",
+    ]
+    if build:
+        cuda = f"yes (arch {build.get('cuda_arch_list')}, {build.get('nvcc')})" if build.get("cuda") else "no"
+        lines += [
+            f"  built against torch {build.get('torch')} with {build.get('build_tool')}",
+            f"  CUDA kernels:   {cuda}",
+        ]
+    runtime = report["runtime"]
+    lines.append(
+        f"  runtime: python {runtime['python']}, torch {runtime['torch']} (CUDA {runtime['torch_cuda']}, "
+        f"cuDNN {runtime['cudnn']})"
+    )
+    lines.append("  devices:")
+    lines += [
+        f"    {d['device']}: {d['name']}"
+        + (
+            f" (sm {d['capability']}, {d['memory_gib']} GiB)"
+            if "capability" in d
+            else f" ({d['threads']} threads)"
+        )
+        for d in report["devices"]
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastpix2pix info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0

@@ -1,0 +1,103 @@
+"""Plain-PyTorch versions of every fastpix2pix op.
+
+This module is the specification: the fused ops in :mod:`fastpix2pix.ops` compute the same functions
+(same signatures, same results within floating-point tolerance). Tests compare against it, benchmarks
+use it as the eager and ``torch.compile`` baseline, and models fall back to it when the compiled
+extension is missing or ``backend="reference"`` is chosen.
+
+Activations are described by one number, ``negative_slope``: LeakyReLU with that slope, so ``0.0`` is
+ReLU and ``1.0`` is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+GAN_MODES = ("vanilla", "lsgan")
+
+
+def activation(x: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """LeakyReLU with ``negative_slope`` (0.0 is ReLU, 1.0 the identity)."""
+    if negative_slope == 1.0:
+        return x
+    if negative_slope == 0.0:
+        return F.relu(x)
+    return F.leaky_relu(x, negative_slope)
+
+
+def convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    output_padding: Sequence[int],
+    transposed: bool,
+) -> torch.Tensor:
+    """A 2-D convolution, or a transposed convolution when ``transposed``."""
+    if transposed:
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    output_padding: Sequence[int] = (0, 0),
+    transposed: bool = False,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    negative_slope: float = 0.0,
+) -> torch.Tensor:
+    """Convolution (no bias) -> BatchNorm2d -> activation.
+
+    In training the batch statistics normalise and the running statistics (when given) are updated in
+    place exactly as ``nn.BatchNorm2d`` does; in eval the running statistics normalise.
+    """
+    y = convolution(x, weight, None, stride, padding, output_padding, transposed)
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return activation(y, negative_slope)
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    output_padding: Sequence[int] = (0, 0),
+    transposed: bool = False,
+    negative_slope: float = 1.0,
+) -> torch.Tensor:
+    """Convolution with an optional bias -> activation (the norm-free layers)."""
+    y = convolution(x, weight, bias, stride, padding, output_padding, transposed)
+    return activation(y, negative_slope)
+
+
+def gan_loss(logits: torch.Tensor, target_is_real: bool, mode: str = "vanilla") -> torch.Tensor:
+    """Mean GAN loss of a patch map against an all-real (1) or all-fake (0) target, in float32 or wider."""
+    if mode not in GAN_MODES:
+        raise ValueError(f"gan_loss: mode must be one of {GAN_MODES}, got {mode!r}")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    target = torch.full_like(logits, 1.0 if target_is_real else 0.0)
+    if mode == "vanilla":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.mse_loss(logits, target)
+
+
+def l1_loss(pred: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """``weight * mean|pred - target|``, in float32 or wider."""
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    return weight * F.l1_loss(pred.to(acc), target.to(acc))
