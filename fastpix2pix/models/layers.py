@@ -1,0 +1,200 @@
+"""The one building block of every network: convolution -> optional norm -> activation.
+
+The official pix2pix code orders its layers activation -> conv -> norm. fastpix2pix regroups the same
+sequence as conv -> norm -> *the activation the next layer starts with*, so that each group is one
+fused op (:func:`fastpix2pix.reference.conv_bn_act` or :func:`~fastpix2pix.reference.conv_bias_act`).
+The parameters live in ordinary ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.BatchNorm2d`` submodules,
+so a state_dict is the same whichever backend computes the block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastpix2pix.backend import default_backend, get_backend
+from fastpix2pix.reference import activation
+
+NORMS = ("batch", "instance", "none")
+
+RELU = 0.0
+LEAKY_RELU = 0.2
+IDENTITY = 1.0
+
+__all__ = ["IDENTITY", "LEAKY_RELU", "NORMS", "RELU", "ConvBlock", "Network", "check_norm", "conv_bias_for"]
+
+
+def check_norm(norm: str) -> str:
+    """Validate a norm name early, so a typo fails at construction rather than deep inside a layer."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    return norm
+
+
+def conv_bias_for(norm: str) -> bool:
+    """The official bias rule for convs followed by a norm layer (or by the ``none`` placeholder).
+
+    BatchNorm's shift makes a conv bias redundant; the official code also leaves it out under
+    ``none`` (its placeholder is not InstanceNorm), and keeps it only under InstanceNorm (affine=False).
+    """
+    return check_norm(norm) == "instance"
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class ConvBlock(nn.Module):
+    """Convolution (or transposed convolution) -> optional norm -> LeakyReLU(``negative_slope``).
+
+    ``negative_slope`` 0.0 is ReLU, 0.2 LeakyReLU, 1.0 the identity. BatchNorm and norm-free blocks run
+    on the selected backend; InstanceNorm blocks always run in plain PyTorch (there is no fused kernel
+    for them, and pix2pix uses them only as an option).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        *,
+        transposed: bool = False,
+        output_padding: int = 0,
+        norm: str = "none",
+        bias: bool = False,
+        negative_slope: float = IDENTITY,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_norm(norm)
+        if norm == "batch" and bias:
+            raise ValueError(
+                "ConvBlock: a conv followed by BatchNorm has no bias (the norm's shift replaces it)"
+            )
+        if transposed:
+            self.conv: nn.Conv2d | nn.ConvTranspose2d = nn.ConvTranspose2d(
+                in_channels, out_channels, kernel_size, stride, padding, output_padding, bias=bias
+            )
+        else:
+            if output_padding:
+                raise ValueError("ConvBlock: output_padding only applies to a transposed convolution")
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+        self.norm: nn.BatchNorm2d | nn.InstanceNorm2d | None = _make_norm(norm, out_channels)
+        self.norm_kind = norm
+        self.negative_slope = float(negative_slope)
+        self.transposed = transposed
+        # Plain tuples, computed once: forward passes them straight to the op.
+        self._stride = _pair(stride)
+        self._padding = _pair(padding)
+        self._output_padding = _pair(output_padding)
+        self._is_batch_norm = norm == "batch"
+        self._is_instance_norm = norm == "instance"
+        self._backend_name = ""
+        self._ops: ModuleType | None = None
+        self.backend = default_backend() if backend is None else backend
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend computing this block ("fused" or "reference")."""
+        return self._backend_name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._ops = get_backend(name)
+        self._backend_name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._is_batch_norm:
+            return self._forward_batch_norm(x)
+        if self._is_instance_norm:
+            return activation(self.norm(self.conv(x)), self.negative_slope)
+        conv = self.conv
+        return self._ops.conv_bias_act(
+            x,
+            conv.weight,
+            conv.bias,
+            stride=self._stride,
+            padding=self._padding,
+            output_padding=self._output_padding,
+            transposed=self.transposed,
+            negative_slope=self.negative_slope,
+        )
+
+    def _forward_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``nn.BatchNorm2d`` does around ``F.batch_norm``: count batches, pick the momentum."""
+        bn = self.norm
+        training = self.training
+        momentum = bn.momentum
+        if training:
+            bn.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        return self._ops.conv_bn_act(
+            x,
+            self.conv.weight,
+            bn.weight,
+            bn.bias,
+            bn.running_mean,
+            bn.running_var,
+            stride=self._stride,
+            padding=self._padding,
+            output_padding=self._output_padding,
+            transposed=self.transposed,
+            training=training,
+            momentum=0.0 if momentum is None else momentum,
+            eps=bn.eps,
+            negative_slope=self.negative_slope,
+        )
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm_kind}, negative_slope={self.negative_slope}, backend={self.backend!r}"
+
+    # A Python module object cannot be pickled or deep-copied; keep the name and look the module up again.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_ops"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        try:
+            self._ops = get_backend(self._backend_name)
+        except RuntimeError:  # pickled with "fused", loaded where the extension is not built
+            warnings.warn(
+                f"ConvBlock: backend {self._backend_name!r} is not available here; using 'reference'",
+                stacklevel=2,
+            )
+            self.backend = "reference"
+
+
+def _make_norm(norm: str, channels: int) -> nn.BatchNorm2d | nn.InstanceNorm2d | None:
+    """The official norm layers: BatchNorm with affine and running stats; InstanceNorm with neither."""
+    if norm == "batch":
+        return nn.BatchNorm2d(channels, affine=True, track_running_stats=True)
+    if norm == "instance":
+        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+    return None
+
+
+class Network(nn.Module):
+    """Base of the generators and discriminators: switches the backend of all their blocks at once."""
+
+    def set_backend(self, name: str) -> Network:
+        """Compute every :class:`ConvBlock` with backend ``name``; parameters and state are untouched."""
+        get_backend(name)  # fail before changing anything
+        for module in self.modules():
+            if isinstance(module, ConvBlock):
+                module.backend = name
+        return self
+
+    @property
+    def backend(self) -> str:
+        """The blocks' backend name ("mixed" if they were set differently one by one)."""
+        names = {m.backend for m in self.modules() if isinstance(m, ConvBlock)}
+        return names.pop() if len(names) == 1 else "mixed"
