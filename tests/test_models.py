@@ -46,7 +46,7 @@ needs_extension = pytest.mark.skipif(
 
 
 def _official_norm(norm: str) -> Callable[[int], nn.Module]:
-    if norm == "batch":
+    if norm in ("batch", "syncbatch"):  # in a single process, synchronised BatchNorm is BatchNorm
         return lambda c: nn.BatchNorm2d(c, affine=True, track_running_stats=True)
     if norm == "instance":
         return lambda c: nn.InstanceNorm2d(c, affine=False, track_running_stats=False)
@@ -428,12 +428,27 @@ def test_fused_backend_matches_reference(kind: str, name: str, norm: str) -> Non
     y_fused, gx_fused = _run(fused, x, seed=7)
     _assert_close_scaled(y_fused, y_ref, "output")
     _assert_close_scaled(gx_fused, gx_ref, "input gradient")
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
     for (n, p_ref), p_fused in zip(reference.named_parameters(), fused.parameters(), strict=True):
+        if _bias_cancelled_by_instance_norm(reference, n):
+            # Zero by construction (the norm subtracts the per-channel mean): both are rounding noise,
+            # so check that they are negligible next to the gradient of the conv weight beside them.
+            weight_scale = ref_grads[n.replace("conv.bias", "conv.weight")].abs().max().item()
+            for grad in (p_ref.grad, p_fused.grad):
+                assert grad.abs().max().item() <= 1e-4 * weight_scale, f"gradient of {n} is not ~0"
+            continue
         _assert_close_scaled(p_fused.grad, p_ref.grad, f"gradient of {n}")
     for (n, b_ref), b_fused in zip(reference.named_buffers(), fused.buffers(), strict=True):
         _assert_close_scaled(b_fused, b_ref, n)  # running statistics and batch counters
     with torch.no_grad():
         _assert_close_scaled(fused.eval()(x), reference.eval()(x), "eval output")
+
+
+def _bias_cancelled_by_instance_norm(net: torch.nn.Module, param_name: str) -> bool:
+    if not param_name.endswith("conv.bias"):
+        return False
+    block = net.get_submodule(param_name.removesuffix(".conv.bias"))
+    return isinstance(getattr(block, "norm", None), torch.nn.InstanceNorm2d)
 
 
 def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float = 1e-4) -> None:

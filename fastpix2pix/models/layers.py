@@ -4,7 +4,9 @@ The official pix2pix code orders its layers activation -> conv -> norm. fastpix2
 sequence as conv -> norm -> *the activation the next layer starts with*, so that each group is one
 fused op (:func:`fastpix2pix.reference.conv_bn_act` or :func:`~fastpix2pix.reference.conv_bias_act`).
 The parameters live in ordinary ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.BatchNorm2d`` submodules,
-so a state_dict is the same whichever backend computes the block.
+so a state_dict is the same whichever backend computes the block. Norm ``syncbatch`` holds a
+:class:`~fastpix2pix.distributed.SyncBatchNorm2d` (a BatchNorm2d: same state_dict) and takes its training
+statistics over the whole process group (:mod:`fastpix2pix.distributed`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import torch
 from torch import nn
 
 from fastpix2pix.backend import default_backend, get_backend
-from fastpix2pix.reference import activation
+from fastpix2pix.distributed import SyncBatchNorm2d, reference_sync_batch_norm, sync_bn_act, sync_group
+from fastpix2pix.reference import activation, convolution
 
-NORMS = ("batch", "instance", "none")
+NORMS = ("batch", "syncbatch", "instance", "none")
+_BATCH_NORMS = ("batch", "syncbatch")
+# Also nn.SyncBatchNorm, so that a "batch" network converted by nn.SyncBatchNorm.convert_sync_batchnorm
+# synchronises instead of silently normalising with local statistics.
+_SYNC_BATCH_NORM_TYPES = (SyncBatchNorm2d, nn.SyncBatchNorm)
 
 RELU = 0.0
 LEAKY_RELU = 0.2
@@ -73,7 +80,7 @@ class ConvBlock(nn.Module):
     ) -> None:
         super().__init__()
         check_norm(norm)
-        if norm == "batch" and bias:
+        if norm in _BATCH_NORMS and bias:
             raise ValueError(
                 "ConvBlock: a conv followed by BatchNorm has no bias (the norm's shift replaces it)"
             )
@@ -110,6 +117,8 @@ class ConvBlock(nn.Module):
         self._backend_name = name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm, _SYNC_BATCH_NORM_TYPES):
+            return self._forward_sync_batch_norm(x)
         if self._is_batch_norm:
             return self._forward_batch_norm(x)
         if self._is_instance_norm:
@@ -127,14 +136,9 @@ class ConvBlock(nn.Module):
         )
 
     def _forward_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """What ``nn.BatchNorm2d`` does around ``F.batch_norm``: count batches, pick the momentum."""
         bn = self.norm
         training = self.training
-        momentum = bn.momentum
-        if training:
-            bn.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-                momentum = 1.0 / float(bn.num_batches_tracked)
+        momentum = _step_momentum(bn, training)
         return self._ops.conv_bn_act(
             x,
             self.conv.weight,
@@ -147,10 +151,31 @@ class ConvBlock(nn.Module):
             output_padding=self._output_padding,
             transposed=self.transposed,
             training=training,
-            momentum=0.0 if momentum is None else momentum,
+            momentum=momentum,
             eps=bn.eps,
             negative_slope=self.negative_slope,
         )
+
+    def _forward_sync_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """conv (ATen) -> BatchNorm with the process group's statistics -> activation."""
+        bn = self.norm
+        group = sync_group(bn.process_group) if self.training else None
+        if group is None:  # eval, or no other process: exactly the batch-norm block (one fused op)
+            return self._forward_batch_norm(x)
+        conv = self.conv
+        y = convolution(
+            x, conv.weight, conv.bias, self._stride, self._padding, self._output_padding, self.transposed
+        )
+        args = (y, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        stats = {
+            "training": True,
+            "momentum": _step_momentum(bn, True),
+            "eps": bn.eps,
+            "process_group": group,
+        }
+        if self._backend_name == "fused":
+            return sync_bn_act(*args, **stats, negative_slope=self.negative_slope)
+        return activation(reference_sync_batch_norm(*args, **stats), self.negative_slope)
 
     def extra_repr(self) -> str:
         return f"norm={self.norm_kind}, negative_slope={self.negative_slope}, backend={self.backend!r}"
@@ -173,10 +198,22 @@ class ConvBlock(nn.Module):
             self.backend = "reference"
 
 
+def _step_momentum(bn: nn.modules.batchnorm._BatchNorm, training: bool) -> float:
+    """What ``nn.BatchNorm2d`` does around ``F.batch_norm``: count batches, pick the momentum."""
+    momentum = bn.momentum
+    if training:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return 0.0 if momentum is None else momentum
+
+
 def _make_norm(norm: str, channels: int) -> nn.BatchNorm2d | nn.InstanceNorm2d | None:
     """The official norm layers: BatchNorm with affine and running stats; InstanceNorm with neither."""
     if norm == "batch":
         return nn.BatchNorm2d(channels, affine=True, track_running_stats=True)
+    if norm == "syncbatch":
+        return SyncBatchNorm2d(channels, affine=True, track_running_stats=True)
     if norm == "instance":
         return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
     return None
