@@ -1,0 +1,259 @@
+"""Training checkpoints: one file holding everything needed to continue a run exactly.
+
+A checkpoint (``latest.pt``, ``epoch_N.pt``) is a dict of plain data and tensors, loadable with
+``torch.load(weights_only=True)``: both networks, both optimizers and schedulers, the position in the
+data (epoch, images done in it, iterations in total), every random generator's state, the options, the
+package version and the backend. Every file is written atomically (temp file in the same folder, fsync,
+``os.replace``, fsync of the folder), so a crash or a full disk never leaves a half-written checkpoint
+under the final name.
+
+Beside them, ``<label>_net_G.pth`` / ``<label>_net_D.pth`` hold the bare networks with the official
+key names, loadable by the official pix2pix code and by ``--load_official``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = (
+    "format",
+    "G",
+    "D",
+    "optimizer_G",
+    "optimizer_D",
+    "scheduler_G",
+    "scheduler_D",
+    "epoch",
+    "epoch_iter",
+    "iteration",
+    "rng",
+    "options",
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "atomic_write",
+    "capture_rng_state",
+    "checkpoint_path",
+    "export_official_networks",
+    "list_checkpoints",
+    "load_checkpoint",
+    "package_version",
+    "plain_network_path",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+
+def package_version() -> str:
+    """The installed fastpix2pix version ("unknown" in a bare source tree)."""
+    import fastpix2pix
+
+    version = getattr(fastpix2pix, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as metadata_version
+
+        return metadata_version("fastpix2pix")
+    except Exception:  # not installed: the source tree only
+        return "unknown"
+
+
+# --- file names -------------------------------------------------------------------------------------
+
+
+def checkpoint_path(folder: str | os.PathLike[str], epoch: str | int) -> Path:
+    """``folder/latest.pt`` for ``epoch="latest"``, else ``folder/epoch_<N>.pt``."""
+    label = str(epoch)
+    if label == "latest":
+        return Path(folder) / "latest.pt"
+    if not label.isdigit():
+        raise ValueError(f"--epoch must be 'latest' or an epoch number, got {label!r}")
+    return Path(folder) / f"epoch_{int(label)}.pt"
+
+
+def plain_network_path(folder: str | os.PathLike[str], epoch: str | int, net: str) -> Path:
+    """The official file name of one bare network: ``latest_net_G.pth``, ``5_net_D.pth``."""
+    return Path(folder) / f"{epoch}_net_{net}.pth"
+
+
+def list_checkpoints(folder: str | os.PathLike[str]) -> list[str]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth"))
+
+
+# --- atomic writing ---------------------------------------------------------------------------------
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make the rename itself durable; not possible on every platform (e.g. Windows), where it is skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through ``write(file)`` so that ``path`` is either the old file or the complete new one.
+
+    The temp file lives in the same folder (``os.replace`` is atomic only within one file system).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _torch_save(obj: Any, path: Path) -> Path:
+    # Looked up at call time (not bound at import) so tests can simulate a crash inside torch.save.
+    return atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a full checkpoint atomically; ``state`` must have :data:`REQUIRED_KEYS`."""
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"save_checkpoint: state lacks {missing}")
+    return _torch_save(dict(state), Path(path))
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and check a full checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message lists the checkpoints that do exist).
+        ValueError: the file is truncated, corrupt or not a fastpix2pix training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        available = list_checkpoints(path.parent)
+        listing = ", ".join(available) if available else "none"
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist (expected a fastpix2pix training checkpoint; "
+            f"files in {path.parent}: {listing})"
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # zip/pickle errors of many kinds: all mean "not a readable checkpoint"
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a checkpoint ({type(error).__name__}: {reason}); "
+            f"expected a fastpix2pix training checkpoint written by `fastpix2pix train`"
+        ) from error
+    if not isinstance(state, dict) or "format" not in state:
+        raise ValueError(
+            f"checkpoint {path} is not a fastpix2pix training checkpoint (no 'format' key); for a bare "
+            f"network state_dict such as an official *_net_G.pth use --load_official"
+        )
+    if state["format"] != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {path} has format {state['format']!r}; this version reads {FORMAT_VERSION}"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} is incomplete: missing {missing}")
+    return state
+
+
+# --- random generators ------------------------------------------------------------------------------
+
+
+def _numpy_state() -> dict[str, Any]:
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    # Stored as a tensor and plain numbers so that the checkpoint loads with weights_only=True.
+    return {
+        "algorithm": algorithm,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _set_numpy_state(state: Mapping[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (state["algorithm"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+    )
+
+
+def capture_rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every random generator a training run draws from."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+    }
+    if loader_generator is not None:
+        state["loader"] = loader_generator.get_state()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], loader_generator: torch.Generator | None = None) -> None:
+    """The inverse of :func:`capture_rng_state`; CUDA states are restored when CUDA is in use here."""
+    torch.set_rng_state(state["torch"])
+    _set_numpy_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda_states)
+    if loader_generator is not None and state.get("loader") is not None:
+        loader_generator.set_state(state["loader"])
+
+
+# --- bare networks ----------------------------------------------------------------------------------
+
+
+def export_official_networks(
+    folder: str | os.PathLike[str],
+    label: str | int,
+    networks: Mapping[str, tuple[nn.Module, str]],
+    *,
+    n_layers_D: int = 3,
+    use_dropout: bool = False,
+) -> list[Path]:
+    """Write ``<label>_net_<key>.pth`` for each ``key -> (network, official name)`` with official keys."""
+    from fastpix2pix.models import convert_to_official_state_dict
+
+    written = []
+    for key, (net, official_name) in networks.items():
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        official = convert_to_official_state_dict(
+            state, official_name, n_layers_D=n_layers_D, use_dropout=use_dropout
+        )
+        written.append(_torch_save(official, plain_network_path(folder, label, key)))
+    return written

@@ -1,0 +1,282 @@
+"""Running a trained generator: ``test`` (a dataset split, with ground truth) and ``predict`` (any images).
+
+By default the generator runs as in the paper's test protocol: in train() mode, so BatchNorm normalises
+with the test batch's statistics and dropout stays on. ``--eval`` uses the running statistics and no
+dropout instead. Train mode updates the BatchNorm running statistics of the in-memory model; that model
+is never saved here, so nothing leaks into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from fastpix2pix.backend import default_backend
+from fastpix2pix.checkpoint import checkpoint_path, load_checkpoint, plain_network_path
+from fastpix2pix.options import ArchitectureOptions, PredictOptions, TestOptions, default_of
+from fastpix2pix.train import build_generator, resolve_data_source, resolve_device, seed_everything
+from fastpix2pix.visualize import HtmlPage, resize_for_aspect_ratio, tensor_to_image
+
+__all__ = [
+    "TestResult",
+    "evaluate_l1",
+    "load_generator",
+    "pad_to_multiple",
+    "predict",
+    "predict_image",
+    "run_test",
+]
+
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ArchitectureOptions))
+INHERITED_FIELDS = (*ARCHITECTURE_FIELDS, "direction", "crop_size", "preprocess")
+"""Options that, left at their defaults, are taken from the checkpoint (what the model was trained with)."""
+
+TEST_SEED = 0  # dropout is random at test time; a fixed default seed makes results reproducible
+
+
+@dataclass
+class TestResult:
+    __test__ = False  # not a pytest test class
+    images: int
+    l1: float  # mean |fake_B - real_B| with images in [-1, 1]
+    folder: Path
+    index_html: Path
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def inherit_options(opt: Any, saved: Mapping[str, Any]) -> Any:
+    """``opt`` with each of :data:`INHERITED_FIELDS` left at its default replaced by the saved value."""
+    cls = type(opt)
+    names = {f.name for f in dataclasses.fields(cls)}
+    changes = {
+        name: saved[name]
+        for name in INHERITED_FIELDS
+        if name in names and name in saved and getattr(opt, name) == default_of(cls, name)
+    }
+    return dataclasses.replace(opt, **changes)
+
+
+def load_generator(opt: Any, device: torch.device) -> tuple[nn.Module, Any, str]:
+    """The generator for ``opt`` (Test/PredictOptions) on ``device``, the options completed from the
+    checkpoint, and a description of where the weights came from.
+
+    Sources, in order: ``--load_official FILE``; ``checkpoints_dir/name/<epoch>.pt`` (a full
+    checkpoint, which also records the architecture); ``<epoch>_net_G.pth`` (bare, official keys).
+    """
+    from fastpix2pix.models import load_official_checkpoint
+
+    backend = opt.backend or default_backend()
+    if opt.load_official:
+        path = Path(opt.load_official)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--load_official {path} does not exist (expected an official *_net_G.pth)"
+            )
+        G = build_generator(opt, backend, device)
+        return load_official_checkpoint(path, G), opt, str(path)
+    run_dir = Path(opt.checkpoints_dir) / opt.name
+    full = checkpoint_path(run_dir, opt.epoch)
+    plain = plain_network_path(run_dir, opt.epoch, "G")
+    if full.exists() or not plain.exists():
+        state = load_checkpoint(full)  # FileNotFoundError here names the file and what exists
+        opt = inherit_options(opt, state["options"])
+        G = build_generator(opt, backend, device)
+        G.load_state_dict(state["G"])
+        return G, opt, str(full)
+    G = build_generator(opt, backend, device)
+    return load_official_checkpoint(plain, G), opt, str(plain)
+
+
+def set_inference_mode(G: nn.Module, eval_mode: bool) -> nn.Module:
+    """``--eval``: running statistics, no dropout; default: the paper's train-mode protocol."""
+    return G.eval() if eval_mode else G.train()
+
+
+# --- test -------------------------------------------------------------------------------------------
+
+
+def _test_dataset(opt: TestOptions) -> Any:
+    from fastpix2pix.data import AlignedDataset, DataOptions
+
+    # As the official test: no flip, no shuffling, and load_size = crop_size (resize without a crop).
+    load_size = opt.crop_size if opt.load_size == default_of(TestOptions, "load_size") else opt.load_size
+    options = DataOptions(
+        direction=opt.direction,
+        preprocess=opt.preprocess,
+        load_size=max(load_size, opt.crop_size) if "crop" in opt.preprocess else load_size,
+        crop_size=opt.crop_size,
+        no_flip=True,
+        input_nc=opt.input_nc,
+        output_nc=opt.output_nc,
+        max_dataset_size=opt.max_dataset_size,
+        serial_batches=True,
+        seed=opt.seed if opt.seed is not None else TEST_SEED,
+    )
+    dataset = AlignedDataset(opt.dataroot, opt.phase, options)
+    if opt.num_test is not None:
+        dataset = Subset(dataset, range(min(opt.num_test, len(dataset))))
+    return dataset
+
+
+def _check_size(dataset: Any, G: nn.Module) -> None:
+    from fastpix2pix.data import check_size_for_generator
+
+    sample = dataset[0]["A"]
+    check_size_for_generator(sample.shape[-2], sample.shape[-1], int(getattr(G, "size_multiple", 1)))
+
+
+def _batches(
+    G: nn.Module, loader: DataLoader, device: torch.device
+) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    with torch.no_grad():
+        for batch in loader:
+            real_A = batch["A"].to(device, non_blocking=True)
+            yield batch, G(real_A)
+
+
+def evaluate_l1(G: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Mean |G(A) - B| over a loader's images (in [-1, 1] units), in G's current train/eval mode."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for batch, fake_B in _batches(G, loader, device):
+        real_B = batch["B"].to(device)
+        total += (fake_B.float() - real_B).abs().mean(dim=(1, 2, 3)).sum().double()
+        count += real_B.shape[0]
+    return float(total) / max(count, 1)
+
+
+def split_loader(opt: TestOptions, G: nn.Module) -> DataLoader:
+    """The test split as the official test reads it (see :func:`_test_dataset`), size-checked for G."""
+    dataset = _test_dataset(opt)
+    if len(dataset) == 0:
+        raise FileNotFoundError(f"no test images in {opt.dataroot}/{opt.phase}")
+    _check_size(dataset, G)
+    return DataLoader(dataset, batch_size=opt.batch_size, shuffle=False, num_workers=opt.num_threads)
+
+
+def run_test(opt: TestOptions, *, say: Any = print) -> TestResult:
+    """Run the test split through the generator; write images, ``index.html`` and ``metrics.json``."""
+    device = resolve_device(opt.device)
+    G, opt, source = load_generator(opt, device)
+    dataroot, direction = resolve_data_source(opt.dataroot, opt.direction)
+    opt = dataclasses.replace(opt, dataroot=str(dataroot), direction=direction)
+    seed_everything(opt.seed if opt.seed is not None else TEST_SEED)
+    loader = split_loader(opt, G)
+    set_inference_mode(G, opt.eval)
+
+    folder = Path(opt.results_dir) / opt.name / f"{opt.phase}_{opt.epoch}"
+    image_dir = folder / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    page = HtmlPage(f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {opt.epoch}")
+    total_l1, count = 0.0, 0
+    for batch, fake_B in _batches(G, loader, device):
+        real_B = batch["B"]
+        per_image = (fake_B.float().cpu() - real_B).abs().mean(dim=(1, 2, 3))
+        for i, path in enumerate(batch["A_paths"]):
+            stem = Path(path).stem
+            visuals = {"real_A": batch["A"][i], "fake_B": fake_B[i], "real_B": real_B[i]}
+            entries = []
+            for label, tensor in visuals.items():
+                name = f"{stem}_{label}.png"
+                _save(image_dir / name, resize_for_aspect_ratio(tensor_to_image(tensor), opt.aspect_ratio))
+                entries.append((f"images/{name}", label))
+            page.header(stem)
+            page.images(entries)
+        total_l1 += float(per_image.sum())
+        count += len(per_image)
+    l1 = total_l1 / max(count, 1)
+    mode = (
+        "eval (running statistics, no dropout)" if opt.eval else "train mode (batch statistics, dropout on)"
+    )
+    page.paragraph(f"{count} images from {opt.dataroot}/{opt.phase}; weights {source}; {mode}; L1 {l1:.4f}")
+    index = page.save(folder / "index.html")
+    metrics = {"images": count, "l1": l1, "weights": source, "mode": mode, "epoch": opt.epoch}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    say(f"tested {count} images with {source} ({mode}): L1 {l1:.4f}; results page {index}")
+    return TestResult(count, l1, folder, index)
+
+
+def _save(path: Path, image: Any) -> None:
+    from fastpix2pix.data import save_image
+
+    save_image(path, image)
+
+
+# --- predict ----------------------------------------------------------------------------------------
+
+
+def _reflect_pad(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
+    """Reflect-pad bottom/right; a pad wider than the image takes several reflections."""
+    if x.shape[-2] < 2 or x.shape[-1] < 2:  # a 1-pixel side cannot be reflected
+        return F.pad(x, (0, right, 0, bottom), mode="replicate")
+    while bottom > 0 or right > 0:
+        step_bottom, step_right = min(bottom, x.shape[-2] - 1), min(right, x.shape[-1] - 1)
+        x = F.pad(x, (0, step_right, 0, step_bottom), mode="reflect")
+        bottom, right = bottom - step_bottom, right - step_right
+    return x
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad an ``(N, C, H, W)`` batch so H and W are multiples of ``multiple``; also the original size.
+
+    Sides smaller than ``multiple`` are padded up to it (the U-Net needs at least one pixel at its
+    innermost level).
+    """
+    height, width = x.shape[-2:]
+    target_h = max(multiple, -(-height // multiple) * multiple)
+    target_w = max(multiple, -(-width // multiple) * multiple)
+    return _reflect_pad(x, target_h - height, target_w - width), (height, width)
+
+
+def predict_image(G: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """``G`` on one ``(C, H, W)`` tensor of any size: padded to what G needs, output cropped back."""
+    multiple = int(getattr(G, "size_multiple", 1))
+    padded, (height, width) = pad_to_multiple(image.unsqueeze(0), multiple)
+    with torch.no_grad():
+        return G(padded)[0, :, :height, :width]
+
+
+def _output_paths(inputs: list[Path], opt: PredictOptions) -> list[Path]:
+    from fastpix2pix.data import is_image_file
+
+    single_file = Path(opt.input).is_file()
+    if single_file and opt.output and is_image_file(opt.output):
+        return [Path(opt.output)]
+    folder = Path(opt.output) if opt.output else Path(opt.results_dir) / opt.name / "predict"
+    return [folder / f"{p.stem}.png" for p in inputs]
+
+
+def predict(opt: PredictOptions, *, say: Any = print) -> list[Path]:
+    """Translate ``opt.input`` (an image or a folder) and write the outputs; returns their paths."""
+    from fastpix2pix.data import list_images, read_image, save_image, to_channels, to_tensor
+
+    if not opt.input:
+        raise ValueError("predict needs --input: an image file or a folder of images")
+    source_path = Path(opt.input)
+    if not source_path.exists():
+        raise FileNotFoundError(f"--input {source_path} does not exist")
+    device = resolve_device(opt.device)
+    G, opt, source = load_generator(opt, device)
+    seed_everything(opt.seed if opt.seed is not None else TEST_SEED)
+    set_inference_mode(G, opt.eval)
+    inputs = [source_path] if source_path.is_file() else list_images(source_path)
+    outputs = _output_paths(inputs, opt)
+    for path, out in zip(inputs, outputs, strict=True):
+        image = to_tensor(to_channels(read_image(path), opt.input_nc)).to(device)
+        fake = predict_image(G, image)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(out, tensor_to_image(fake))
+    where = outputs[0].parent if len(outputs) > 1 else outputs[0]
+    say(f"wrote {len(outputs)} image(s) with {source} to {where}")
+    return outputs
