@@ -123,10 +123,11 @@ class ConvBlock(nn.Module):
             return self._forward_batch_norm(x)
         if self._is_instance_norm:
             return activation(self.norm(self.conv(x)), self.negative_slope)
+        x, weight = _autocast_inputs(x, self.conv.weight)
         conv = self.conv
         return self._ops.conv_bias_act(
             x,
-            conv.weight,
+            weight,
             conv.bias,
             stride=self._stride,
             padding=self._padding,
@@ -139,9 +140,10 @@ class ConvBlock(nn.Module):
         bn = self.norm
         training = self.training
         momentum = _step_momentum(bn, training)
+        x, weight = _autocast_inputs(x, self.conv.weight)
         return self._ops.conv_bn_act(
             x,
-            self.conv.weight,
+            weight,
             bn.weight,
             bn.bias,
             bn.running_mean,
@@ -163,8 +165,9 @@ class ConvBlock(nn.Module):
         if group is None:  # eval, or no other process: exactly the batch-norm block (one fused op)
             return self._forward_batch_norm(x)
         conv = self.conv
+        x, weight = _autocast_inputs(x, conv.weight)
         y = convolution(
-            x, conv.weight, conv.bias, self._stride, self._padding, self._output_padding, self.transposed
+            x, weight, conv.bias, self._stride, self._padding, self._output_padding, self.transposed
         )
         args = (y, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         stats = {
@@ -196,6 +199,21 @@ class ConvBlock(nn.Module):
                 stacklevel=2,
             )
             self.backend = "reference"
+
+
+def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation and conv weight in the autocast dtype when autocast is on for ``x``'s device.
+
+    The fused ops have no autocast kernels, so without this they would run in float32 under autocast
+    while the reference's ATen conv runs in bf16; casting here makes both backends compute the same
+    thing. Only these two are cast: conv biases, BatchNorm parameters and running statistics stay float32
+    (the kernels take them as float32), and the weight's gradient flows back through the cast as float32.
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), weight.to(dtype)
 
 
 def _step_momentum(bn: nn.modules.batchnorm._BatchNorm, training: bool) -> float:
