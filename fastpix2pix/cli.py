@@ -36,10 +36,13 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, FloatingPointErro
 
 
 def _train(args: argparse.Namespace) -> int:
+    from fastpix2pix.fast_train import fast_train, use_fast_path
     from fastpix2pix.train import train
 
-    trainer = train(namespace_to_options(TrainOptions, args))
-    print(f"checkpoints in {trainer.run_dir}; training page {trainer.run_dir / 'web' / 'index.html'}")
+    opt = namespace_to_options(TrainOptions, args)
+    trainer = fast_train(opt) if use_fast_path(opt) else train(opt)
+    if trainer.is_main:  # under torchrun, one message, not one per process
+        print(f"checkpoints in {trainer.run_dir}; training page {trainer.run_dir / 'web' / 'index.html'}")
     return 0
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastpix2pix.distributed import torchrun_environment
 from fastpix2pix.options import TrainOptions
 from fastpix2pix.train import (
     LOSS_NAMES,
@@ -338,6 +339,13 @@ class FastTrainer(Trainer):
         progress_bar: bool = True,
         stream: Any = None,
     ) -> None:
+        environment = torchrun_environment()
+        if environment is not None and environment[1] > 1:
+            # It steps the bare networks in one captured graph: under DDP each rank would train alone.
+            raise ValueError(
+                "the fast single-GPU path does not run under torchrun with several processes; "
+                "`fastpix2pix train` uses the plain DDP trainer there (see README, multiple GPUs)"
+            )
         device = resolve_device(opt.device)
         self.config = config or FastPathConfig.for_device(device)
         self.config.check(device)
@@ -457,6 +465,15 @@ class _PortableLoader:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.optimizer, name)
+
+
+def use_fast_path(opt: TrainOptions) -> bool:
+    """``--fast_path``: auto means one CUDA process (the path is single-GPU; see :class:`FastTrainer`)."""
+    if opt.fast_path != "auto":
+        return opt.fast_path == "on"
+    environment = torchrun_environment()
+    single_process = environment is None or environment[1] == 1
+    return single_process and resolve_device(opt.device).type == "cuda"
 
 
 def fast_train(

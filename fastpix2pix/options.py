@@ -181,6 +181,17 @@ class TrainOptions(DataLoadingOptions, ArchitectureOptions, RunOptions):
     max_iters: int | None = option(
         None, "stop (saving latest.pt) after this many iterations in total; for tests and benchmarks"
     )
+    fast_path: str = option(
+        "auto",
+        "the fast single-GPU path (bf16, channels_last, fused Adam, data on the GPU, the whole iteration in "
+        "one CUDA graph): auto = on for one CUDA process, off on the CPU and under torchrun",
+        choices=("auto", "on", "off"),
+    )
+    dist_timeout: int = option(
+        1800,
+        "under torchrun: seconds a collective waits for the other processes before failing (a rank that "
+        "died or hangs stops the others after this)",
+    )
 
 
 @dataclass

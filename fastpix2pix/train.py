@@ -8,6 +8,13 @@ Losses stay on the device as tensors; the trainer reads them back to the host on
 (every ``--print_freq`` images), at epoch ends and before saving, so the loop never waits for the
 device on its own. A NaN/inf loss is detected at the next read-back and stops the run before anything
 is saved, so the last checkpoint on disk is always a good one.
+
+Under ``torchrun`` (see :func:`fastpix2pix.distributed.init_distributed`) the same trainer runs data
+parallel: one process per device, G and D in DistributedDataParallel, each rank training on its strided
+share of every epoch (:class:`DistributedEpochSampler`) with ``--batch_size`` images per step, so the
+global batch is world_size x batch_size. Rank 0 alone writes (log, loss log, pages, checkpoints); the
+losses are all-reduced at the logging points, so every rank logs, checks and schedules on the same
+numbers and a NaN on any rank stops them all.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader, Sampler
 
@@ -43,6 +51,7 @@ from fastpix2pix.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from fastpix2pix.distributed import DistContext, init_distributed
 from fastpix2pix.options import LR_POLICIES, ArchitectureOptions, TrainOptions, options_to_dict, save_options
 from fastpix2pix.visualize import (
     VISUAL_LABELS,
@@ -62,9 +71,11 @@ LOSS_NAMES = ("G_GAN", "G_L1", "D_real", "D_fake")
 DEFAULT_SYNTHETIC_ROOT = Path("datasets") / "synthetic"
 SYNTHETIC_DIRECTION = "BtoA"  # its files are photo | labels, and the task is labels -> photo
 _ORDER_STREAM = 0xFFFFFFFF  # keeps the shuffling stream apart from the augmentation's (seed, epoch, index)
+_RANK_STREAM = 0xFFFFFFFE  # and the ranks' own torch streams (dropout) apart from both
 
 __all__ = [
     "LOSS_NAMES",
+    "DistributedEpochSampler",
     "EpochSampler",
     "Networks",
     "NonFiniteLossError",
@@ -83,6 +94,7 @@ __all__ = [
     "set_requires_grad",
     "train",
     "train_step",
+    "unwrap",
 ]
 
 
@@ -121,6 +133,11 @@ def set_requires_grad(net: nn.Module, flag: bool) -> None:
         parameter.requires_grad_(flag)
 
 
+def unwrap(net: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (``net`` itself when not wrapped)."""
+    return net.module if isinstance(net, DistributedDataParallel) else net
+
+
 def train_step(
     nets: Networks,
     optimizers: Optimizers,
@@ -150,10 +167,17 @@ def train_step(
     ((loss_D_fake + loss_D_real) * 0.5).backward()
     optimizers.D.step()
 
-    # Frozen so that the G loss's backward pass through D computes no D weight gradients.
+    # Frozen so that the G loss's backward pass through D computes no D weight gradients. Under DDP the
+    # forward goes through the bare D (unwrap): the G step needs only the gradient with respect to fake_B,
+    # and DDP has no part in it. Through the wrapper it works only thanks to the freeze (no D parameter's
+    # hook fires, so DDP's reducer starts no reduction; an unfrozen D would have its G-step gradients
+    # all-reduced for nothing), and every forward pays DDP's bookkeeping; find_unused_parameters=True, the
+    # usual advice, adds a traversal of the autograd graph after each of the 3 D forwards per iteration.
+    # The bare D: no D communication in the G step, D's weights untouched and equal on all ranks.
     set_requires_grad(D, False)
     optimizers.G.zero_grad(set_to_none=True)
-    loss_G_GAN = ops.gan_loss(D(torch.cat((real_A, fake_B), 1)), True, objective.gan_mode)
+    D_frozen = unwrap(D)
+    loss_G_GAN = ops.gan_loss(D_frozen(torch.cat((real_A, fake_B), 1)), True, objective.gan_mode)
     loss_G_L1 = ops.l1_loss(fake_B, real_B, objective.lambda_L1)
     (loss_G_GAN + loss_G_L1).backward()
     optimizers.G.step()
@@ -302,6 +326,39 @@ class EpochSampler(Sampler[int]):
         return max(0, self.size - self.start)
 
 
+class DistributedEpochSampler(EpochSampler):
+    """This rank's share of :class:`EpochSampler`'s order: ``order[rank::world_size]``.
+
+    Every rank computes the same permutation from ``(seed, epoch)`` (the ``set_epoch`` semantics of
+    ``DistributedSampler``), padded by repeating its first samples to a multiple of ``world_size`` so that
+    every rank runs the same number of iterations (a rank with one batch fewer would leave the others
+    waiting in a collective). Rank r's k-th sample is the epoch's (k * world_size + r)-th: step t of
+    world_size ranks with batch n covers the global batch t of one process with batch world_size * n.
+    ``start`` counts this rank's samples already done in the epoch.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool, rank: int, world_size: int) -> None:
+        super().__init__(size, seed, shuffle)
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def per_rank(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+    def shard(self, epoch: int) -> list[int]:
+        order = self.order(epoch)
+        padding = self.per_rank * self.world_size - len(order)
+        padded = order + (order * math.ceil(padding / max(1, len(order))))[:padding]
+        return padded[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shard(self.epoch)[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start)
+
+
 def resolve_data_source(dataroot: str | None, direction: str, say: RunLog | None = None) -> tuple[Path, str]:
     """The dataset folder and direction. With no dataroot: the synthetic dataset (generated on first
     use), whose task is labels (B) -> photo (A), so a direction left at AtoB becomes BtoA."""
@@ -343,27 +400,51 @@ class LossWindow:
         self._losses.append(torch.stack([losses[name] for name in LOSS_NAMES]))
         self._where.append((epoch, iteration))
 
-    def read(self) -> tuple[np.ndarray, float, float]:
+    def read(self, group: DistContext | None = None) -> tuple[np.ndarray, float, float]:
         """``(losses [n, len(LOSS_NAMES)], seconds per iteration, data seconds per iteration)``; resets.
 
-        Raises NonFiniteLossError naming the first non-finite loss, its epoch and iteration.
+        With a ``group``, the losses are the means over its ranks (every rank must call this at the same
+        point: the windows have the same length, the ranks step in lockstep). Raises NonFiniteLossError
+        naming the first non-finite loss, its epoch and iteration (and the ranks that saw one), on every
+        rank alike.
         """
         n = len(self._losses)
-        values = torch.stack(self._losses).float().cpu().numpy() if n else np.zeros((0, len(LOSS_NAMES)))
+        bad_ranks: list[int] = []
+        if not n:
+            values = np.zeros((0, len(LOSS_NAMES)))
+        elif group is None:
+            values = torch.stack(self._losses).float().cpu().numpy()
+        else:
+            values, bad_ranks = _reduce_losses(torch.stack(self._losses).float(), group)
         elapsed = time.perf_counter() - self.started
         bad = np.argwhere(~np.isfinite(values))
         if len(bad):
             row, column = bad[0]
             epoch, iteration = self._where[row]
+            where = f" (non-finite on rank(s) {bad_ranks})" if group is not None else ""
             raise NonFiniteLossError(
                 f"loss {LOSS_NAMES[column]} is {values[row, column]} at epoch {epoch}, iteration "
-                f"{iteration}: training stopped; the last good checkpoint is kept (try a lower --lr)"
+                f"{iteration}{where}: training stopped; the last good checkpoint is kept (try a lower --lr)"
             )
         per_iter = elapsed / n if n else 0.0
         data_per_iter = self.data_time / n if n else 0.0
         self._losses, self._where, self.data_time = [], [], 0.0
         self.started = time.perf_counter()
         return values, per_iter, data_per_iter
+
+
+def _reduce_losses(losses: torch.Tensor, group: DistContext) -> tuple[np.ndarray, list[int]]:
+    """The ranks' mean losses [n, len(LOSS_NAMES)] and the ranks whose own losses were not all finite.
+
+    One all_reduce per logging point, of the window and one flag per rank: no collective per iteration.
+    A NaN on any rank makes the mean NaN, so every rank raises together and none is left waiting.
+    """
+    flags = torch.zeros(group.world_size, device=losses.device)
+    flags[group.rank] = (~torch.isfinite(losses)).any().float()
+    summed = group.all_reduce(torch.cat([losses.flatten(), flags])).cpu()
+    n = losses.numel()
+    values = (summed[:n].view(losses.shape) / group.world_size).numpy()
+    return values, torch.nonzero(summed[n:]).flatten().tolist()
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -395,22 +476,46 @@ class Trainer:
 
     def __init__(self, opt: TrainOptions, *, progress_bar: bool = True, stream: Any = None) -> None:
         self.run_dir = Path(opt.checkpoints_dir) / opt.name
-        self.say = RunLog(self.run_dir / "log.txt", stream)
-        self.device = resolve_device(opt.device)
-        self.progress_bar_enabled = progress_bar
+        # Under torchrun: this process's rank, its device, the process group (None in a plain run).
+        self.group = init_distributed(opt.device, opt.dist_timeout)
+        try:
+            self._setup(opt, progress_bar, stream)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, opt: TrainOptions, progress_bar: bool, stream: Any) -> None:
+        self.rank = 0 if self.group is None else self.group.rank
+        self.world_size = 1 if self.group is None else self.group.world_size
+        self.is_main = self.rank == 0
+        self.say = RunLog(self.run_dir / "log.txt", stream) if self.is_main else _SilentLog()
+        self.device = resolve_device(opt.device) if self.group is None else self.group.device
+        self.progress_bar_enabled = progress_bar and self.is_main
         resumed = self._load_resume_state(opt)
         self.opt = self._complete_options(opt, resumed)
         seed_everything(self.opt.seed)
         self._build()
+        self._seed_rank_stream()
         self._initialise_weights(resumed)
         self._open_outputs()
+
+    def close(self) -> None:
+        """Leave the process group if this trainer created it (at the end of :meth:`fit`, or on error)."""
+        if self.group is not None:
+            self.group.close()
+
+    def _main_first(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.group is None else self.group.main_first()
 
     def _complete_options(self, opt: TrainOptions, resumed: dict[str, Any] | None) -> TrainOptions:
         """Fill in what the command line may leave open: backend, seed, dataset folder and direction."""
         backend = opt.backend or default_backend()
         get_backend(backend)  # fail early if "fused" is not built
         seed = self._choose_seed(opt.seed, resumed)
-        dataroot, direction = resolve_data_source(opt.dataroot, opt.direction, self.say)
+        if self.group is not None:  # a seed drawn at random must be the same on every rank
+            seed = self.group.broadcast_object(seed)
+        with self._main_first():  # rank 0 generates the synthetic dataset; the others then find it
+            dataroot, direction = resolve_data_source(opt.dataroot, opt.direction, self.say)
         return replace(opt, seed=seed, backend=backend, dataroot=str(dataroot), direction=direction)
 
     def _build(self) -> None:
@@ -418,16 +523,47 @@ class Trainer:
         opt = self.opt
         self.dataset = self._build_dataset()
         self.nets = build_networks(opt, opt.backend, self.device)
+        self.train_nets = self._wrap_for_ddp(self.nets)  # what train_step runs; self.nets stay bare
         self._check_image_size()
         self.optimizers = build_optimizers(self.nets, opt)
         self.schedulers = Optimizers(*(build_scheduler(o, opt) for o in self.optimizers))
         self.objective = Objective(opt.gan_mode, opt.lambda_L1, opt.backend)
         self.loader_generator = torch.Generator().manual_seed(opt.seed)
-        self.sampler = EpochSampler(len(self.dataset), opt.seed, shuffle=not opt.serial_batches)
+        self.sampler = (
+            EpochSampler(len(self.dataset), opt.seed, shuffle=not opt.serial_batches)
+            if self.group is None
+            else DistributedEpochSampler(
+                len(self.dataset), opt.seed, not opt.serial_batches, self.rank, self.world_size
+            )
+        )
         self.loader = self._build_loader()
         self.state = Progress(epoch=opt.epoch_count)
         self.window = LossWindow()
         self._saved_at: int | None = None
+
+    def _wrap_for_ddp(self, nets: Networks) -> Networks:
+        """G and D in DistributedDataParallel (its constructor broadcasts rank 0's weights).
+
+        forward_sync_buffers=False (torch's new name for broadcast_buffers=False; the buffers are still
+        synchronised once, at construction): DDP would otherwise copy rank 0's BatchNorm running
+        statistics to every rank before each forward (4 per iteration). With syncbatch they are equal on
+        all ranks anyway; with batch, rank 0's (the ones saved) evolve from its own batches either way,
+        and the other ranks' are never used (training normalises with batch statistics). Not broadcasting
+        changes nothing saved and saves the collectives.
+        """
+        if self.group is None:
+            return nets
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return Networks(
+            *(DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False) for net in nets)
+        )
+
+    def _seed_rank_stream(self) -> None:
+        """Give every rank but 0 its own torch stream (dropout masks must differ between the ranks'
+        shares of the batch), after the networks were initialised identically from the common seed.
+        Rank 0 keeps the single-process stream."""
+        if self.rank > 0:
+            torch.manual_seed(_rank_seed(self.opt.seed, self.rank, self.state.iteration))
 
     def _initialise_weights(self, resumed: dict[str, Any] | None) -> None:
         if resumed is not None:
@@ -439,11 +575,14 @@ class Trainer:
             self.say(f"generator initialised from the official checkpoint {self.opt.load_official}")
 
     def _open_outputs(self) -> None:
+        self.bar: ProgressBar | None = None
+        if not self.is_main:  # rank 0 alone writes
+            self.loss_log, self.web, self.tensorboard = None, None, None
+            return
         self.loss_log = LossLog(self.run_dir / "loss_log.jsonl")
         self.loss_log.truncate_after(self.state.iteration)  # records past the checkpoint are redone
         self.web = TrainingWebPage(self.run_dir / "web", self.opt.name, VISUAL_LABELS)
         self.tensorboard = TensorBoard(self.run_dir / "tensorboard", self.say)
-        self.bar: ProgressBar | None = None
         save_options(self.opt, self.run_dir, "train")
 
     # --- setup ---
@@ -454,7 +593,9 @@ class Trainer:
         path = checkpoint_path(self.run_dir, opt.epoch)
         if not path.exists() and plain_network_path(self.run_dir, opt.epoch, "G").exists():
             return {"plain": True}
-        return load_checkpoint(path)
+        # Every rank reads the same file, onto the CPU: the RNG states must be CPU tensors, and
+        # load_state_dict copies weights and optimizer states onto each rank's own device.
+        return load_checkpoint(path, map_location="cpu")
 
     def _choose_seed(self, seed: int | None, resumed: dict[str, Any] | None) -> int:
         """The checkpoint's seed when resuming (it fixes the data order), else ``seed`` or a random one."""
@@ -524,11 +665,34 @@ class Trainer:
             "epoch_loss_sums": dict(state.epoch_loss_sums or {}),
             "epoch_loss_count": state.epoch_loss_count,
             "rng": capture_rng_state(self.loader_generator),
+            **self._rank_rng_states(),
             "options": options_to_dict(self.opt),
             "version": package_version(),
             "backend": self.opt.backend,
             "torch": str(torch.__version__),  # a TorchVersion object would not load with weights_only
         }
+
+    def _rank_rng_states(self) -> dict[str, Any]:
+        """Under DDP, every rank's generators (``rng_ranks``; ``rng`` is rank 0's): a collective."""
+        if self.group is None:
+            return {}
+        return {"rng_ranks": self.group.gather_objects(capture_rng_state(self.loader_generator))}
+
+    def _restore_rank_rng(self, resumed: dict[str, Any]) -> None:
+        """This rank's generators as they were; from a run with another world size, a fresh stream."""
+        states = resumed.get("rng_ranks")
+        if states is not None and len(states) == self.world_size:
+            restore_rng_state(states[self.rank], self.loader_generator)
+            return
+        restore_rng_state(resumed["rng"], self.loader_generator)
+        self._seed_rank_stream()
+        saved_world = len(states) if states is not None else 1
+        if saved_world != self.world_size:
+            self.say(
+                f"the checkpoint was written by {saved_world} process(es), this run has {self.world_size}: "
+                f"it continues from the same epoch and image count, but not bit-identically (other data "
+                f"shards and random streams)"
+            )
 
     def _restore(self, resumed: dict[str, Any]) -> None:
         if resumed.get("plain"):
@@ -549,7 +713,7 @@ class Trainer:
             epoch_loss_sums=dict(resumed.get("epoch_loss_sums") or {}) or None,
             epoch_loss_count=resumed.get("epoch_loss_count", 0),
         )
-        restore_rng_state(resumed["rng"], self.loader_generator)
+        self._restore_rank_rng(resumed)
         self._saved_at = self.state.iteration
         self.say(
             f"resumed from {checkpoint_path(self.run_dir, self.opt.epoch)}: epoch {self.state.epoch}, "
@@ -578,20 +742,56 @@ class Trainer:
             )
 
     def _check_finite_weights(self) -> None:
+        """Under DDP on every rank together (a collective), so that all stop or none does."""
+        bad = []
         for key, net in zip("GD", self.nets, strict=True):
             tensors = [t for t in net.state_dict().values() if t.is_floating_point()]
-            finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-            if not bool(finite):
-                raise NonFiniteLossError(
-                    f"network {key} has non-finite weights at epoch {self.state.epoch}, iteration "
-                    f"{self.state.iteration}: training stopped; the last checkpoint saved before it is kept"
-                )
+            if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+                bad.append(key)
+        all_finite = not bad if self.group is None else self.group.agree(not bad)
+        if not all_finite:
+            where = f"network {', '.join(bad)} has" if bad else "another rank's networks have"
+            raise NonFiniteLossError(
+                f"{where} non-finite weights at epoch {self.state.epoch}, iteration "
+                f"{self.state.iteration}: training stopped; the last checkpoint saved before it is kept"
+            )
 
     def save(self, labels: tuple[str | int, ...] = ("latest",)) -> None:
-        """Write the current state under each label (``latest``, an epoch number) once checked finite."""
+        """Write the current state under each label (``latest``, an epoch number) once checked finite.
+
+        Under DDP every rank calls this (it reads the losses, checks and gathers collectively); rank 0
+        writes while the others wait, and all go on only once the files are complete.
+        """
         self._log_window()
         self._check_finite_weights()
         state = self.state_dict()
+        if self.group is None:
+            self._write(state, labels)
+        else:
+            self._write_on_main(state, labels)
+        self._saved_at = self.state.iteration
+        self.say(
+            f"saved {', '.join(map(str, labels))} (epoch {state['epoch']}, iteration {state['iteration']})"
+        )
+
+    def _write_on_main(self, state: dict[str, Any], labels: tuple[str | int, ...]) -> None:
+        """Rank 0 writes; every rank leaves together, and fails together if the writing failed."""
+        assert self.group is not None
+        error: Exception | None = None
+        if self.is_main:
+            try:
+                self._write(state, labels)
+            except Exception as caught:  # re-raised below, after telling the other ranks
+                error = caught
+        written = self.group.agree(error is None)
+        if error is not None:
+            raise error
+        if not written:
+            raise RuntimeError(
+                f"rank 0 failed to write checkpoint {labels} in {self.run_dir} (see its error)"
+            )
+
+    def _write(self, state: dict[str, Any], labels: tuple[str | int, ...]) -> None:
         opt = self.opt
         for label in labels:
             save_checkpoint(state, checkpoint_path(self.run_dir, label))
@@ -602,10 +802,6 @@ class Trainer:
                 n_layers_D=opt.n_layers_D,
                 use_dropout=not opt.no_dropout,
             )
-        self._saved_at = self.state.iteration
-        self.say(
-            f"saved {', '.join(map(str, labels))} (epoch {state['epoch']}, iteration {state['iteration']})"
-        )
 
     # --- logging ---
 
@@ -616,7 +812,7 @@ class Trainer:
         """Read the pending losses back (one sync), check them, and write one log record."""
         if not len(self.window):
             return None
-        values, per_iter, data_per_iter = self.window.read()
+        values, per_iter, data_per_iter = self.window.read(self.group)
         values = values.astype(np.float64)
         means = {name: float(v) for name, v in zip(LOSS_NAMES, values.mean(axis=0), strict=True)}
         sums = self.state.epoch_loss_sums or dict.fromkeys(LOSS_NAMES, 0.0)
@@ -624,6 +820,12 @@ class Trainer:
             name: sums[name] + float(values[:, i].sum()) for i, name in enumerate(LOSS_NAMES)
         }
         self.state.epoch_loss_count += len(values)
+        if self.is_main:
+            self._write_log_record(means, per_iter, data_per_iter)
+        return means
+
+    def _write_log_record(self, means: dict[str, float], per_iter: float, data_per_iter: float) -> None:
+        assert self.loss_log is not None and self.tensorboard is not None
         state = self.state
         record = {
             "epoch": state.epoch,
@@ -643,7 +845,6 @@ class Trainer:
             f"(epoch: {state.epoch}, iters: {state.epoch_iter}, time: {per_iter:.3f}, "
             f"data: {data_per_iter:.3f}) {losses}"
         )
-        return means
 
     def _display(self, batch: Mapping[str, torch.Tensor], fake_B: torch.Tensor) -> None:
         images = {
@@ -651,6 +852,7 @@ class Trainer:
             "fake_B": tensor_to_image(fake_B[0]),
             "real_B": tensor_to_image(batch["B"][0]),
         }
+        assert self.web is not None and self.tensorboard is not None  # rank 0 only
         self.web.add(self.state.epoch, images)
         self.tensorboard.images({f"train/{k}": v for k, v in images.items()}, self.state.iteration)
 
@@ -660,9 +862,14 @@ class Trainer:
     def last_epoch(self) -> int:
         return self.opt.n_epochs + self.opt.n_epochs_decay
 
+    def _samples_per_rank(self) -> int:
+        sampler = self.sampler
+        return sampler.per_rank if isinstance(sampler, DistributedEpochSampler) else len(self.dataset)
+
     def _iterations_left(self) -> int:
-        per_epoch = math.ceil(len(self.dataset) / self.opt.batch_size)
-        done_in_epoch = math.ceil(self.state.epoch_iter / self.opt.batch_size)
+        # epoch_iter counts the images of all ranks; each rank has done epoch_iter / world_size of them.
+        per_epoch = math.ceil(self._samples_per_rank() / self.opt.batch_size)
+        done_in_epoch = math.ceil(self.state.epoch_iter // self.world_size / self.opt.batch_size)
         left = max(0, (self.last_epoch - self.state.epoch + 1) * per_epoch - done_in_epoch)
         if self.opt.max_iters is not None:
             left = min(left, max(0, self.opt.max_iters - self.state.iteration))
@@ -678,7 +885,7 @@ class Trainer:
         self.bar = ProgressBar(self.state.iteration + left, self.state.iteration, self.progress_bar_enabled)
         self.say(
             f"training {opt.netG} + {opt.netD} on {len(self.dataset)} images of {opt.dataroot}/{opt.phase} "
-            f"({self.device}, backend {opt.backend}, seed {opt.seed}): {left} iterations"
+            f"({self._where()}, backend {opt.backend}, seed {opt.seed}): {left} iterations"
         )
         try:
             with determinism(opt.deterministic):
@@ -688,8 +895,18 @@ class Trainer:
         finally:
             self.bar.close()
             self.bar = None
-            self.tensorboard.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+            self.close()
         return self.state
+
+    def _where(self) -> str:
+        if self.group is None:
+            return str(self.device)
+        return (
+            f"{self.world_size} processes x batch {self.opt.batch_size} = global batch "
+            f"{self.world_size * self.opt.batch_size}, {self.device.type}"
+        )
 
     def _train_epochs(self) -> None:
         while self.state.epoch <= self.last_epoch and not self._reached_max_iters():
@@ -702,7 +919,7 @@ class Trainer:
         """Train on the rest of the current epoch; False if ``max_iters`` stopped it part-way."""
         state, opt = self.state, self.opt
         self.dataset.set_epoch(state.epoch)
-        self.sampler.set_epoch(state.epoch, start=state.epoch_iter)
+        self.sampler.set_epoch(state.epoch, start=state.epoch_iter // self.world_size)
         self.nets.G.train()
         self.nets.D.train()
         batches = iter(self.loader)
@@ -713,10 +930,11 @@ class Trainer:
                 return True
             self.window.data_time += time.perf_counter() - waited
             inputs = {key: batch[key].to(self.device, non_blocking=True) for key in ("A", "B")}
-            size = inputs["A"].shape[0]
-            display = crossed(state.images, state.images + size, opt.display_freq)
+            # Images of all ranks: every rank's batch has this size (the sampler pads the epoch).
+            size = inputs["A"].shape[0] * self.world_size
+            display = self.is_main and crossed(state.images, state.images + size, opt.display_freq)
             visuals: dict[str, torch.Tensor] | None = {} if display else None
-            losses = train_step(self.nets, self.optimizers, inputs, self.objective, visuals)
+            losses = train_step(self.train_nets, self.optimizers, inputs, self.objective, visuals)
             state.iteration += 1
             before = state.images
             state.images += size
@@ -740,7 +958,8 @@ class Trainer:
         for scheduler in self.schedulers:
             if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
                 # The official code passes a constant 0 here; the epoch's mean generator loss is what
-                # a plateau is meant to watch.
+                # a plateau is meant to watch (under DDP the mean over all ranks: the sums come from
+                # the all-reduced windows, so every rank steps its schedule identically).
                 sums, count = state.epoch_loss_sums or {}, max(1, state.epoch_loss_count)
                 scheduler.step((sums.get("G_GAN", 0.0) + sums.get("G_L1", 0.0)) / count)
             else:
@@ -754,9 +973,26 @@ class Trainer:
         state.epoch += 1
         state.epoch_iter = 0
         state.epoch_loss_sums, state.epoch_loss_count = None, 0
-        plot_loss_curve(read_loss_log(self.loss_log.path), LOSS_NAMES, self.run_dir / "loss_curve.png")
+        if self.loss_log is not None:
+            plot_loss_curve(read_loss_log(self.loss_log.path), LOSS_NAMES, self.run_dir / "loss_curve.png")
         if opt.save_epoch_freq > 0 and finished % opt.save_epoch_freq == 0:
             self.save(("latest", finished))
+
+
+class _SilentLog(RunLog):
+    """The messages of ranks other than 0: rank 0 says everything once."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def __call__(self, message: str) -> None:
+        pass
+
+
+def _rank_seed(seed: int, rank: int, iteration: int) -> int:
+    """A torch seed for ``rank``'s own stream, apart from the common one and the data streams."""
+    state = np.random.SeedSequence([seed, rank, iteration, _RANK_STREAM]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
 
 
 def train(opt: TrainOptions, *, progress_bar: bool = True) -> Trainer:

@@ -10,14 +10,10 @@ backend runs all the equivalence scenarios and the tests below assert on its res
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,8 +21,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import JOIN_TIMEOUT_S, WORLD_SIZE, RankOutcome, free_port, rank_results, spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -42,9 +38,6 @@ from fastpix2pix.models import ConvBlock, UnetGenerator, define_D, define_G, ini
 from fastpix2pix.models.layers import LEAKY_RELU
 from fastpix2pix.reference import activation
 
-WORLD_SIZE = 2
-COLLECTIVE_TIMEOUT_S = 30  # gloo's timeout: a collective waiting for a silent peer fails after this
-JOIN_TIMEOUT_S = 150  # every spawned rank must have exited by then (spawning + importing torch included)
 FAILED_RANK_EXIT_CODE = 3
 HUNG_RANK_TIMEOUT_S = 4  # the collective timeout in the hung-rank test
 HUNG_RANK_SLEEP_S = HUNG_RANK_TIMEOUT_S + 8  # well past it; then the hung rank exits by itself
@@ -74,113 +67,6 @@ BACKENDS = [
     ),
     "reference",
 ]
-
-
-# --- spawning ranks, with bounded joins ------------------------------------------------------------------
-
-
-@dataclass
-class RankOutcome:
-    exitcode: int | None
-    result: dict[str, Any] | None  # what the scenario returned (exit code 0)
-    error: dict[str, Any] | None  # the exception it raised: {"error", "traceback", "seconds", "waited_s"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_rank(
-    rank: int,
-    world_size: int,
-    port: int,
-    out_dir: Path,
-    pg_backend: str,
-    collective_timeout_s: float,
-    scenario: Callable[..., dict[str, Any]],
-    kwargs: dict[str, Any],
-) -> None:
-    """A spawned rank: join the group, run the scenario, save what it returns (or the error it raised)."""
-    torch.set_num_threads(1)  # the ranks share the machine's cores
-    started = None
-    try:
-        dist.init_process_group(
-            pg_backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=collective_timeout_s),
-        )
-        started = time.monotonic()
-        result = scenario(rank, world_size, **kwargs)
-        torch.save(result, out_dir / f"rank{rank}.pt")
-        dist.destroy_process_group()
-    except BaseException as error:
-        report = {
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc(),
-            "seconds": None if started is None else time.monotonic() - started,
-            "waited_s": getattr(error, "waited_s", None),
-        }
-        (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
-        os._exit(1)  # skip interpreter teardown: a broken process group can block in its destructor
-
-
-def _spawn(
-    scenario: Callable[..., dict[str, Any]],
-    out_dir: Path,
-    *,
-    world_size: int = WORLD_SIZE,
-    pg_backend: str = "gloo",
-    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
-    **kwargs: Any,
-) -> list[RankOutcome]:
-    """Run ``scenario(rank, world_size, **kwargs)`` in ``world_size`` fresh processes; kill any still
-    running after JOIN_TIMEOUT_S and fail."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    context = mp.get_context("spawn")
-    port = _free_port()
-    processes = [
-        context.Process(
-            target=_run_rank,
-            args=(rank, world_size, port, out_dir, pg_backend, collective_timeout_s, scenario, kwargs),
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
-    for rank in hung:
-        processes[rank].kill()
-        processes[rank].join(10)
-    if hung:
-        pytest.fail(f"ranks {hung} were still running after {JOIN_TIMEOUT_S} s (hung; killed)")
-    return [_outcome(out_dir, rank, process.exitcode) for rank, process in enumerate(processes)]
-
-
-def _outcome(out_dir: Path, rank: int, exitcode: int | None) -> RankOutcome:
-    result_file, error_file = out_dir / f"rank{rank}.pt", out_dir / f"rank{rank}.json"
-    result = torch.load(result_file) if result_file.exists() else None
-    error = json.loads(error_file.read_text()) if error_file.exists() else None
-    return RankOutcome(exitcode, result, error)
-
-
-def _results(outcomes: list[RankOutcome]) -> list[dict[str, Any]]:
-    """Every rank's result; fails with the ranks' tracebacks if any of them did not succeed."""
-    failed = [(rank, o) for rank, o in enumerate(outcomes) if o.exitcode != 0 or o.result is None]
-    if failed:
-        details = "\n".join(
-            f"rank {rank}: exit code {o.exitcode}\n{(o.error or {}).get('traceback', '(no traceback)')}"
-            for rank, o in failed
-        )
-        pytest.fail(f"spawned ranks failed:\n{details}")
-    return [o.result for o in outcomes]
 
 
 def _local_slice(sizes: tuple[int, ...], rank: int) -> slice:
@@ -373,7 +259,7 @@ def spawned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """Every rank's results of :func:`_equivalence_scenarios` for one backend (two ranks, gloo)."""
     backend = request.param
     out_dir = tmp_path_factory.mktemp(f"equivalence_{backend}")
-    return _results(_spawn(_equivalence_scenarios, out_dir, backend=backend))
+    return rank_results(spawn(_equivalence_scenarios, out_dir, backend=backend))
 
 
 @pytest.fixture(scope="module")
@@ -531,7 +417,7 @@ def _assert_survivor_failed(outcomes: list[RankOutcome], timeout_s: float) -> di
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dead_rank_fails_the_survivor(backend: str, tmp_path: Path) -> None:
     """gloo sees the dead peer's connection reset: the survivor fails at once, not at the timeout."""
-    error = _assert_survivor_failed(_spawn(_failing_rank_scenario, tmp_path, backend=backend, fate="dies"), 0)
+    error = _assert_survivor_failed(spawn(_failing_rank_scenario, tmp_path, backend=backend, fate="dies"), 0)
     assert re.search(r"(?i)connection (reset|closed)", error["error"]), error["error"]
 
 
@@ -539,7 +425,7 @@ def test_dead_rank_fails_the_survivor(backend: str, tmp_path: Path) -> None:
 def test_hung_rank_fails_the_survivor_at_the_timeout(tmp_path: Path) -> None:
     """A peer that is alive but silent: only the collective timeout (init_process_group's) ends the wait.
     The collective code is gloo's whichever backend computes the norm, so one backend suffices."""
-    outcomes = _spawn(
+    outcomes = spawn(
         _failing_rank_scenario,
         tmp_path,
         collective_timeout_s=HUNG_RANK_TIMEOUT_S,
@@ -559,7 +445,7 @@ def group_of_one() -> Any:
     """An initialised gloo group of one process (this one), destroyed afterwards."""
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
         rank=0,
         world_size=1,
         timeout=timedelta(seconds=30),
@@ -690,8 +576,8 @@ def _torch_sync_bn_scenario(rank: int, world_size: int, fused: bool) -> dict[str
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run nn.SyncBatchNorm")
 def test_matches_torch_sync_batch_norm_on_cuda(tmp_path: Path) -> None:
     pg_backend = "nccl" if torch.cuda.device_count() >= WORLD_SIZE else "gloo"  # gloo: two ranks, one GPU
-    ranks = _results(
-        _spawn(_torch_sync_bn_scenario, tmp_path, pg_backend=pg_backend, fused=_fused_kernels_on("cuda"))
+    ranks = rank_results(
+        spawn(_torch_sync_bn_scenario, tmp_path, pg_backend=pg_backend, fused=_fused_kernels_on("cuda"))
     )
     for rank, record in enumerate(ranks):
         for key, value in record.items():

@@ -19,6 +19,7 @@ from fastpix2pix.fast_train import (
     load_portable_optimizer_state,
     portable_optimizer_state,
     use_device_lr,
+    use_fast_path,
 )
 from fastpix2pix.options import TrainOptions
 from fastpix2pix.train import (
@@ -284,3 +285,17 @@ def test_no_host_sync_inside_the_loop(tiny_data: Path, tmp_path: Path) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(rows.cpu()).all()
+
+
+def test_fast_path_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not use_fast_path(TrainOptions(device="cpu"))  # auto: CUDA only
+    assert use_fast_path(TrainOptions(device="cpu", fast_path="on"))
+    assert not use_fast_path(TrainOptions(device="auto", fast_path="off"))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not use_fast_path(TrainOptions(device="cpu"))
+    with pytest.raises(ValueError, match="does not run under torchrun"):
+        FastTrainer(TrainOptions(device="cpu", fast_path="on"))
