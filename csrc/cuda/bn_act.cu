@@ -1,0 +1,434 @@
+// CUDA kernels of the fused BatchNorm + activation ops (schemas and exact semantics: fastpix2pix.cpp).
+//
+// Each op is a "pass" run by the generic walks of walk.cuh: bn_stats and bn_act_backward_reduce are
+// per-channel reductions (Welford statistics; the two sums of the backward), bn_act_forward and
+// bn_act_backward_apply elementwise maps with per-channel parameters. All arithmetic is in the
+// accumulation type (float, or double for double inputs), in registers; inputs and outputs keep their dtype.
+// z = (x - mean) * (weight * invstd) + bias is computed the same way in all four passes, so the backward
+// takes the activation's derivative on the same z the forward activated.
+
+#include <limits>
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/walk.cuh"
+
+namespace fastpix2pix::gpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// The per-channel vectors of a BatchNorm, in the statistics dtype and contiguous; weight and bias may be
+// null (1 and 0). Read-only and small: they stay in L1/L2 for the whole kernel.
+template <typename acc_t>
+struct BnChannels {
+  const acc_t* mean;
+  const acc_t* var;
+  const acc_t* weight;
+  const acc_t* bias;
+  acc_t eps;
+
+  __device__ acc_t invstd(int64_t c) const { return acc_t(1) / device_sqrt(var[c] + eps); }
+  __device__ acc_t weight_at(int64_t c) const { return weight != nullptr ? weight[c] : acc_t(1); }
+  __device__ acc_t bias_at(int64_t c) const { return bias != nullptr ? bias[c] : acc_t(0); }
+};
+
+// --- bn_stats: Welford mean and m2 per channel ----------------------------------------------------------
+
+template <typename acc_t>
+struct StatsFinalizer {
+  acc_t* mean;
+  acc_t* var;
+  acc_t inv_count;  // 1 / (values per channel), exact from the host: var is the biased variance
+
+  __device__ void operator()(int64_t c, const typename Welford<acc_t>::Lane& lane) const {
+    mean[c] = lane.v[Welford<acc_t>::kMean];
+    var[c] = lane.v[Welford<acc_t>::kM2] * inv_count;
+  }
+};
+
+template <typename scalar_t, int kVec>
+struct BnStatsPass {
+  static constexpr int kV = kVec;
+  using acc_t = acc_type<scalar_t>;
+  using Accumulator = WelfordAccumulator<acc_t, kV>;
+  using Reducer = typename Accumulator::Reducer;
+  struct Params {};
+
+  const scalar_t* x;
+  StatsFinalizer<acc_t> finalize;
+
+  template <bool kLanesAreChannels>
+  __device__ Params params(int64_t) const {
+    return {};
+  }
+  __device__ Vec<scalar_t, kV> load(int64_t offset) const { return load_vec<kV>(x, offset); }
+  __device__ void accumulate(Accumulator& acc, const Params&, const Vec<scalar_t, kV>& in, int64_t) const {
+    acc_t value[kV];
+    to_acc(in, value);
+    acc.add(value);
+  }
+};
+
+// --- bn_act_forward ---------------------------------------------------------------------------------------
+
+template <typename acc_t, int kV>
+struct AffineParams {  // z = (x - mean) * scale + bias, per lane
+  acc_t mean[kV];
+  acc_t scale[kV];
+  acc_t bias[kV];
+};
+
+template <bool kLanesAreChannels, int kV, typename acc_t>
+__device__ AffineParams<acc_t, kV> affine_params(const BnChannels<acc_t>& bn, int64_t channel0) {
+  AffineParams<acc_t, kV> p;
+#pragma unroll
+  for (int i = 0; i < kV; ++i) {
+    const int64_t c = lane_channel<kLanesAreChannels>(channel0, i);
+    p.mean[i] = bn.mean[c];
+    p.scale[i] = bn.weight_at(c) * bn.invstd(c);
+    p.bias[i] = bn.bias_at(c);
+  }
+  return p;
+}
+
+template <typename scalar_t, int kVec>
+struct BnForwardPass {
+  static constexpr int kV = kVec;
+  using acc_t = acc_type<scalar_t>;
+  using Params = AffineParams<acc_t, kV>;
+
+  const scalar_t* x;
+  scalar_t* out;
+  BnChannels<acc_t> bn;
+  acc_t slope;
+
+  template <bool kLanesAreChannels>
+  __device__ Params params(int64_t channel0) const {
+    return affine_params<kLanesAreChannels, kV>(bn, channel0);
+  }
+  __device__ Vec<scalar_t, kV> load(int64_t offset) const { return load_vec<kV>(x, offset); }
+  __device__ void apply(const Params& p, const Vec<scalar_t, kV>& in, int64_t offset) const {
+    Vec<scalar_t, kV> result;
+#pragma unroll
+    for (int i = 0; i < kV; ++i) {
+      const acc_t z = (static_cast<acc_t>(in.val[i]) - p.mean[i]) * p.scale[i] + p.bias[i];
+      result.val[i] = static_cast<scalar_t>(activate(z, slope));
+    }
+    store_vec<kV>(out, offset, result);
+  }
+};
+
+// --- bn_act_backward_reduce: sum(dz) and sum(dz * xhat) per channel ---------------------------------------
+
+template <typename acc_t, int kN>
+struct SumsFinalizer {  // the kN sums, each into its own per-channel vector
+  acc_t* out[kN];
+
+  __device__ void operator()(int64_t c, const typename Sum<acc_t, kN>::Lane& lane) const {
+#pragma unroll
+    for (int f = 0; f < kN; ++f) {
+      out[f][c] = lane.v[f];
+    }
+  }
+};
+
+template <typename acc_t, int kV>
+struct ReduceParams {
+  AffineParams<acc_t, kV> affine;
+  acc_t invstd[kV];
+};
+
+template <typename scalar_t, int kVec>
+struct BnBackwardReducePass {
+  static constexpr int kV = kVec;
+  using acc_t = acc_type<scalar_t>;
+  using Accumulator = SumAccumulator<acc_t, kV, 2>;
+  using Reducer = typename Accumulator::Reducer;
+  using Params = ReduceParams<acc_t, kV>;
+  using Loaded = GradAndValue<scalar_t, kV>;
+
+  const scalar_t* grad;
+  const scalar_t* x;
+  BnChannels<acc_t> bn;
+  acc_t slope;
+  SumsFinalizer<acc_t, 2> finalize;  // sum_dz, sum_dz_xhat
+
+  template <bool kLanesAreChannels>
+  __device__ Params params(int64_t channel0) const {
+    Params p;
+    p.affine = affine_params<kLanesAreChannels, kV>(bn, channel0);
+#pragma unroll
+    for (int i = 0; i < kV; ++i) {
+      p.invstd[i] = bn.invstd(lane_channel<kLanesAreChannels>(channel0, i));
+    }
+    return p;
+  }
+  __device__ Loaded load(int64_t offset) const {
+    return {load_vec<kV>(grad, offset), load_vec<kV>(x, offset)};
+  }
+  __device__ void accumulate(Accumulator& acc, const Params& p, const Loaded& in, int64_t) const {
+#pragma unroll
+    for (int i = 0; i < kV; ++i) {
+      const acc_t centered = static_cast<acc_t>(in.value.val[i]) - p.affine.mean[i];
+      const acc_t z = centered * p.affine.scale[i] + p.affine.bias[i];
+      const acc_t dz = activation_backward(static_cast<acc_t>(in.grad.val[i]), z, slope);
+      acc.sum[0][i] += dz;
+      acc.sum[1][i] += dz * (centered * p.invstd[i]);
+    }
+  }
+};
+
+// --- bn_act_backward_apply
+// ----------------------------------------------------------------------------------
+
+template <typename acc_t, int kV>
+struct ApplyParams {
+  AffineParams<acc_t, kV> affine;
+  // Training: grad_x = scale * dz - shift - (x - mean) * slope_x, with shift = scale * sum_dz / count and
+  // slope_x = scale * invstd * sum_dz_xhat / count (the docs' formula, expanded). Unused in eval.
+  acc_t shift[kV];
+  acc_t slope_x[kV];
+};
+
+template <typename scalar_t, int kVec>
+struct BnBackwardApplyPass {
+  static constexpr int kV = kVec;
+  using acc_t = acc_type<scalar_t>;
+  using Params = ApplyParams<acc_t, kV>;
+  using Loaded = GradAndValue<scalar_t, kV>;
+
+  const scalar_t* grad;
+  const scalar_t* x;
+  scalar_t* grad_x;
+  BnChannels<acc_t> bn;
+  const acc_t* sum_dz;       // null in eval
+  const acc_t* sum_dz_xhat;  // null in eval
+  acc_t inv_count;
+  acc_t slope;
+  bool training;
+
+  template <bool kLanesAreChannels>
+  __device__ Params params(int64_t channel0) const {
+    Params p;
+    p.affine = affine_params<kLanesAreChannels, kV>(bn, channel0);
+#pragma unroll
+    for (int i = 0; i < kV; ++i) {
+      const int64_t c = lane_channel<kLanesAreChannels>(channel0, i);
+      p.shift[i] = training ? p.affine.scale[i] * sum_dz[c] * inv_count : acc_t(0);
+      p.slope_x[i] = training ? p.affine.scale[i] * bn.invstd(c) * sum_dz_xhat[c] * inv_count : acc_t(0);
+    }
+    return p;
+  }
+  __device__ Loaded load(int64_t offset) const {
+    return {load_vec<kV>(grad, offset), load_vec<kV>(x, offset)};
+  }
+  __device__ void apply(const Params& p, const Loaded& in, int64_t offset) const {
+    Vec<scalar_t, kV> result;
+#pragma unroll
+    for (int i = 0; i < kV; ++i) {
+      const acc_t centered = static_cast<acc_t>(in.value.val[i]) - p.affine.mean[i];
+      const acc_t z = centered * p.affine.scale[i] + p.affine.bias[i];
+      const acc_t dz = activation_backward(static_cast<acc_t>(in.grad.val[i]), z, slope);
+      const acc_t grad_z = p.affine.scale[i] * dz;
+      result.val[i] =
+          static_cast<scalar_t>(training ? grad_z - (p.shift[i] + centered * p.slope_x[i]) : grad_z);
+    }
+    store_vec<kV>(grad_x, offset, result);
+  }
+};
+
+// --- host side
+// ----------------------------------------------------------------------------------------------
+
+// A per-channel input converted to the statistics dtype (no copy when it already is, contiguous).
+Tensor stats_vector(const Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+template <typename acc_t>
+BnChannels<acc_t> bn_channels(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
+                              double eps) {
+  return {mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), optional_data<acc_t>(weight),
+          optional_data<acc_t>(bias), static_cast<acc_t>(eps)};
+}
+
+// Checks shared by the BatchNorm ops: x is a 4-D floating CUDA tensor, the statistics and the optional affine
+// parameters are per-channel vectors on its device.
+void check_bn_inputs(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                     const OptTensor& bias, const char* op) {
+  check_cuda(x, op, "x");
+  check_4d(x, op, "x");
+  check_floating(x, op, "x");
+  const int64_t channels = x.size(1);
+  check_channel_vector(x, mean, channels, op, "mean");
+  check_channel_vector(x, var, channels, op, "var");
+  check_optional_channel_vector(x, weight, channels, op, "weight");
+  check_optional_channel_vector(x, bias, channels, op, "bias");
+}
+
+void check_grad_out(const Tensor& x, const Tensor& grad_out, const char* op) {
+  TORCH_CHECK(grad_out.defined(), op, ": grad_out is undefined");
+  check_same_shape(x, grad_out, op, "grad_out");
+  check_same_dtype(x, grad_out, op, "grad_out");
+}
+
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
+  constexpr const char* op = "fastpix2pix::bn_stats";
+  check_cuda(x_in, op, "x");
+  check_4d(x_in, op, "x");
+  check_floating(x_in, op, "x");
+  check_values_per_channel(x_in, op);
+  const DeviceGuard guard(x_in.device());
+  const Layout layout = walk_layout(x_in);
+  const Tensor x = in_layout(x_in, layout);
+  const Walk walk = walk_of(x, layout);
+  const auto options = x.options().dtype(stats_dtype(x));
+  Tensor mean = at::empty({walk.channels}, options);
+  Tensor var = at::empty({walk.channels}, options);
+  if (walk.values_per_channel() == 0) {  // the statistics of nothing, as torch.var_mean's
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+    using acc_t = acc_type<scalar_t>;
+    const StatsFinalizer<acc_t> finalize{
+        mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+        static_cast<acc_t>(1.0 / static_cast<double>(walk.values_per_channel()))};
+    with_vector_width<scalar_t>(vectorizable(walk, vector_width<scalar_t>(), {&x}), [&](auto width) {
+      constexpr int kV = decltype(width)::value;
+      launch_channel_reduce(BnStatsPass<scalar_t, kV>{x.const_data_ptr<scalar_t>(), finalize}, walk, options);
+    });
+  });
+  return {mean, var};
+}
+
+Tensor bn_act_forward(const Tensor& x_in, const Tensor& mean_in, const Tensor& var_in,
+                      const OptTensor& weight_in, const OptTensor& bias_in, double eps,
+                      double negative_slope) {
+  constexpr const char* op = "fastpix2pix::bn_act_forward";
+  check_bn_inputs(x_in, mean_in, var_in, weight_in, bias_in, op);
+  const DeviceGuard guard(x_in.device());
+  const OutputLike out(x_in);
+  const Tensor x = in_layout(x_in, out.layout);
+  const Walk walk = walk_of(x, out.layout);
+  const auto dtype = stats_dtype(x);
+  const Tensor mean = stats_vector(mean_in, dtype);
+  const Tensor var = stats_vector(var_in, dtype);
+  const Tensor weight = channel_param(weight_in, dtype);
+  const Tensor bias = channel_param(bias_in, dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto bn = bn_channels<acc_t>(mean, var, weight, bias, eps);
+    with_vector_width<scalar_t>(
+        vectorizable(walk, vector_width<scalar_t>(), {&x, &out.buffer}), [&](auto width) {
+          constexpr int kV = decltype(width)::value;
+          launch_map(BnForwardPass<scalar_t, kV>{x.const_data_ptr<scalar_t>(),
+                                                 out.buffer.mutable_data_ptr<scalar_t>(), bn,
+                                                 static_cast<acc_t>(negative_slope)},
+                     walk);
+        });
+  });
+  return out.finish();
+}
+
+std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, const Tensor& x_in,
+                                                  const Tensor& mean_in, const Tensor& var_in,
+                                                  const OptTensor& weight_in, const OptTensor& bias_in,
+                                                  double eps, double negative_slope) {
+  constexpr const char* op = "fastpix2pix::bn_act_backward_reduce";
+  check_bn_inputs(x_in, mean_in, var_in, weight_in, bias_in, op);
+  check_grad_out(x_in, grad_out_in, op);
+  const DeviceGuard guard(x_in.device());
+  const Layout layout = walk_layout(x_in);
+  const Tensor x = in_layout(x_in, layout);
+  const Tensor grad_out = in_layout(grad_out_in, layout);
+  const Walk walk = walk_of(x, layout);
+  const auto dtype = stats_dtype(x);
+  const auto options = x.options().dtype(dtype);
+  const Tensor mean = stats_vector(mean_in, dtype);
+  const Tensor var = stats_vector(var_in, dtype);
+  const Tensor weight = channel_param(weight_in, dtype);
+  const Tensor bias = channel_param(bias_in, dtype);
+  Tensor sum_dz = at::empty({walk.channels}, options);
+  Tensor sum_dz_xhat = at::empty({walk.channels}, options);
+  if (walk.numel() == 0) {  // no values: the sums are empty sums
+    sum_dz.zero_();
+    sum_dz_xhat.zero_();
+    return {sum_dz, sum_dz_xhat};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto bn = bn_channels<acc_t>(mean, var, weight, bias, eps);
+    const SumsFinalizer<acc_t, 2> finalize{
+        {sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xhat.mutable_data_ptr<acc_t>()}};
+    with_vector_width<scalar_t>(
+        vectorizable(walk, vector_width<scalar_t>(), {&x, &grad_out}), [&](auto width) {
+          constexpr int kV = decltype(width)::value;
+          launch_channel_reduce(
+              BnBackwardReducePass<scalar_t, kV>{grad_out.const_data_ptr<scalar_t>(),
+                                                 x.const_data_ptr<scalar_t>(), bn,
+                                                 static_cast<acc_t>(negative_slope), finalize},
+              walk, options);
+        });
+  });
+  return {sum_dz, sum_dz_xhat};
+}
+
+Tensor bn_act_backward_apply(const Tensor& grad_out_in, const Tensor& x_in, const Tensor& mean_in,
+                             const Tensor& var_in, const OptTensor& weight_in, const OptTensor& bias_in,
+                             const Tensor& sum_dz_in, const Tensor& sum_dz_xhat_in, int64_t count, double eps,
+                             double negative_slope, bool training) {
+  constexpr const char* op = "fastpix2pix::bn_act_backward_apply";
+  check_bn_inputs(x_in, mean_in, var_in, weight_in, bias_in, op);
+  check_grad_out(x_in, grad_out_in, op);
+  if (training) {  // in eval the sums are not read (and may be undefined)
+    TORCH_CHECK(sum_dz_in.defined() && sum_dz_xhat_in.defined(), op,
+                ": training needs sum_dz and sum_dz_xhat (from bn_act_backward_reduce)");
+    check_channel_vector(x_in, sum_dz_in, x_in.size(1), op, "sum_dz");
+    check_channel_vector(x_in, sum_dz_xhat_in, x_in.size(1), op, "sum_dz_xhat");
+    TORCH_CHECK(count > 0 || x_in.numel() == 0, op, ": count must be positive in training, got ", count);
+  }
+  const DeviceGuard guard(x_in.device());
+  const OutputLike out(x_in);
+  const Tensor x = in_layout(x_in, out.layout);
+  const Tensor grad_out = in_layout(grad_out_in, out.layout);
+  const Walk walk = walk_of(x, out.layout);
+  const auto dtype = stats_dtype(x);
+  const Tensor mean = stats_vector(mean_in, dtype);
+  const Tensor var = stats_vector(var_in, dtype);
+  const Tensor weight = channel_param(weight_in, dtype);
+  const Tensor bias = channel_param(bias_in, dtype);
+  const Tensor sum_dz = training ? stats_vector(sum_dz_in, dtype) : Tensor();
+  const Tensor sum_dz_xhat = training ? stats_vector(sum_dz_xhat_in, dtype) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto bn = bn_channels<acc_t>(mean, var, weight, bias, eps);
+    const acc_t inv_count = training ? static_cast<acc_t>(1.0 / static_cast<double>(count)) : acc_t(0);
+    with_vector_width<scalar_t>(
+        vectorizable(walk, vector_width<scalar_t>(), {&x, &grad_out, &out.buffer}), [&](auto width) {
+          constexpr int kV = decltype(width)::value;
+          launch_map(
+              BnBackwardApplyPass<scalar_t, kV>{
+                  grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                  out.buffer.mutable_data_ptr<scalar_t>(), bn, optional_data<acc_t>(sum_dz),
+                  optional_data<acc_t>(sum_dz_xhat), inv_count, static_cast<acc_t>(negative_slope), training},
+              walk);
+        });
+  });
+  return out.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastpix2pix, CUDA, m) {
+  m.impl("bn_stats", &bn_stats);
+  m.impl("bn_act_forward", &bn_act_forward);
+  m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);
+  m.impl("bn_act_backward_apply", &bn_act_backward_apply);
+}
+
+}  // namespace fastpix2pix::gpu

@@ -1,0 +1,343 @@
+"""The CUDA kernels of ``csrc/cuda``, run on the CPU through ``tests/cuda_emulation`` (no GPU needed).
+
+The emulation compiles the very kernel and launch code of the CUDA library as plain C++ (each CUDA thread a
+``std::thread``, ``__syncthreads`` a real barrier, shared memory poisoned per block, launch limits checked)
+and exposes the op functions directly. These tests check what the GPU tests cannot check without a GPU:
+the indexing of both layouts and the flat walk, the vector/scalar choice (divisibility and alignment), the
+two-level reductions with one and with several partial states, and that every output element is written
+(outputs come from ``at::empty``, which deterministic mode fills with NaN). Timing, coalescing and code
+generation are for ``tests/test_cuda_ops.py`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATION = ROOT / "tests" / "cuda_emulation"
+
+SHAPES = [  # (N, C, H, W): odd planes, C = 3 (scalar rows), 1x1 spatial, several partial states
+    (2, 8, 5, 7),
+    (3, 16, 4, 4),
+    (2, 3, 6, 6),
+    (4, 32, 1, 1),
+    (1, 5, 3, 1),
+    (5, 64, 16, 16),
+    (16, 4, 32, 32),
+]
+LAYOUTS = ("nchw", "channels_last", "strided", "permuted", "unaligned")
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+SM_COUNTS = (1, 2, 8)  # emulated multiprocessors: fewer or more blocks and partial states
+
+# Every (shape, layout) once, with the dtype and the emulated device size varying along the list, plus every
+# dtype in the main layouts on one shape that has several partial states. `variant` picks an op's option
+# (activation slope, loss mode) so that each is seen in many cases without multiplying them.
+CASES = [
+    (shape, layout, DTYPES[i % len(DTYPES)], SM_COUNTS[i % len(SM_COUNTS)], i)
+    for i, (shape, layout) in enumerate(itertools.product(SHAPES, LAYOUTS))
+] + [
+    ((5, 64, 16, 16), layout, dtype, 2, i)
+    for i, (dtype, layout) in enumerate(itertools.product(DTYPES, ("nchw", "channels_last", "permuted")))
+]
+SLOPES = (0.0, 0.2, 1.0)
+
+
+def case_id(case) -> str:
+    shape, layout, dtype, sms, variant = case
+    return f"{'x'.join(map(str, shape))}-{layout}-{str(dtype).removeprefix('torch.')}-sm{sms}-v{variant}"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """The emulated CUDA ops (compiled on first use; cached in torch's extension folder afterwards)."""
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name="fastpix2pix_cuda_emulation",
+        sources=[str(EMULATION / "kernels.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(EMULATION)],
+        extra_cflags=["-O1"],
+        verbose=False,
+    )
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """at::empty fills new tensors with NaN in deterministic mode: an element no kernel wrote stays NaN."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def make(shape, layout: str, dtype: torch.dtype, generator=None, scale=1.0, shift=0.0) -> torch.Tensor:
+    """A random tensor of `shape` laid out as named (values drawn in float64, then rounded to dtype)."""
+    n, c, h, w = shape
+
+    def draw(*size):
+        return (torch.randn(*size, dtype=torch.float64, generator=generator) * scale + shift).to(dtype)
+
+    if layout == "nchw":
+        return draw(n, c, h, w)
+    if layout == "channels_last":
+        return draw(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # not dense: copied by the op
+        return draw(n, c, h, 2 * w)[..., ::2]
+    if (
+        layout == "permuted"
+    ):  # dense, but neither layout: computed in NCHW and copied into empty_like's strides
+        return draw(n, h, c, w).permute(0, 2, 1, 3)
+    if layout == "unaligned":  # NCHW at an odd element offset: the 16-byte vectors must not be used
+        flat = draw(n * c * h * w + 1)
+        return flat[1:].view(n, c, h, w)
+    raise ValueError(layout)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, **tolerance) -> None:
+    """Compare at the precision of `actual`'s dtype (the float64 reference rounded to it)."""
+    assert not actual.isnan().any(), "unwritten (NaN-poisoned) or NaN elements"
+    if actual.dtype == torch.float64 and not tolerance:
+        tolerance = {"rtol": 1e-9, "atol": 1e-10}
+    torch.testing.assert_close(actual, expected.to(actual.dtype), **tolerance)
+
+
+def channel(v: torch.Tensor) -> torch.Tensor:
+    return v.double().view(1, -1, 1, 1)
+
+
+def act(z: torch.Tensor, slope: float) -> torch.Tensor:
+    return torch.where(z > 0, z, z * slope)
+
+
+def act_grad(grad: torch.Tensor, z: torch.Tensor, slope: float) -> torch.Tensor:
+    return torch.where(z > 0, grad, grad * slope)
+
+
+def bn_params(c: int, dtype: torch.dtype, generator, affine: bool):
+    sd = stats_dtype(dtype)
+    mean = torch.randn(c, dtype=torch.float64, generator=generator).to(sd)
+    var = (torch.rand(c, dtype=torch.float64, generator=generator) + 0.5).to(sd)
+    if not affine:
+        return mean, var, None, None
+    weight = (torch.randn(c, dtype=torch.float64, generator=generator) + 1).to(sd)
+    bias = torch.randn(c, dtype=torch.float64, generator=generator).to(sd)
+    return mean, var, weight, bias
+
+
+def z_of(x, mean, var, weight, bias, eps):
+    xhat = (x.double() - channel(mean)) / torch.sqrt(channel(var) + eps)
+    w = channel(weight) if weight is not None else 1.0
+    b = channel(bias) if bias is not None else 0.0
+    return xhat, xhat * w + b
+
+
+def output_tolerance(dtype: torch.dtype) -> dict:
+    """An output rounded to dtype may differ from the rounded float64 reference by an ulp or so."""
+    return {
+        torch.float64: {"rtol": 1e-9, "atol": 1e-10},
+        torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+        torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
+        torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+    }[dtype]
+
+
+@pytest.fixture
+def generator():
+    g = torch.Generator()
+    seed = g.seed()
+    yield g
+    print(f"generator seed: {seed}")  # shown by pytest on failure
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bn_stats(emu, case, generator):
+    shape, layout, dtype, sms, _variant = case
+    emu.set_sm_count(sms)
+    x = make(shape, layout, dtype, generator, scale=2.0, shift=3.0)
+    mean, var = emu.bn_stats(x)
+    assert mean.dtype == var.dtype == stats_dtype(dtype)
+    tolerance = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    assert_close(mean, x.double().mean((0, 2, 3)), **tolerance)
+    assert_close(var, x.double().var((0, 2, 3), unbiased=False), **tolerance)
+
+
+@pytest.mark.parametrize("sms", SM_COUNTS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bn_stats_large_mean_keeps_precision(emu, sms, layout, generator):
+    """Welford/Chan: a mean 1e4 times the spread loses nothing (a float32 sum of squares would lose all)."""
+    emu.set_sm_count(sms)
+    x = make((8, 16, 12, 12), layout, torch.float32, generator, scale=0.01, shift=100.0)
+    mean, var = emu.bn_stats(x)
+    torch.testing.assert_close(mean.double(), x.double().mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x.double().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=0)
+
+
+def test_bn_stats_is_deterministic(emu, generator):
+    emu.set_sm_count(2)
+    x = make((5, 64, 16, 16), "channels_last", torch.bfloat16, generator)
+    first = emu.bn_stats(x)
+    for _ in range(3):
+        again = emu.bn_stats(x)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bn_act_forward(emu, case, generator):
+    shape, layout, dtype, sms, variant = case
+    slope = SLOPES[variant % len(SLOPES)]
+    emu.set_sm_count(sms)
+    x = make(shape, layout, dtype, generator)
+    mean, var, weight, bias = bn_params(shape[1], dtype, generator, affine=slope != 1.0)
+    out = emu.bn_act_forward(x, mean, var, weight, bias, 1e-5, slope)
+    assert out.stride() == torch.empty_like(x).stride()
+    _, z = z_of(x, mean, var, weight, bias, 1e-5)
+    assert_close(out, act(z, slope), **output_tolerance(dtype))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bn_act_backward(emu, case, generator):
+    shape, layout, dtype, sms, _variant = case
+    emu.set_sm_count(sms)
+    slope, eps = 0.2, 1e-5
+    x = make(shape, layout, dtype, generator)
+    grad = make(shape, "channels_last" if layout == "nchw" else "nchw", dtype, generator)  # another layout
+    mean, var, weight, bias = bn_params(shape[1], dtype, generator, affine=True)
+    xhat, z = z_of(x, mean, var, weight, bias, eps)
+    dz = act_grad(grad.double(), z, slope)
+    sum_dz, sum_dz_xhat = emu.bn_act_backward_reduce(grad, x, mean, var, weight, bias, eps, slope)
+    tolerance = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    assert_close(sum_dz, dz.sum((0, 2, 3)), **tolerance)
+    assert_close(sum_dz_xhat, (dz * xhat).sum((0, 2, 3)), **tolerance)
+
+    count = x.numel() // x.shape[1]
+    invstd = 1 / torch.sqrt(channel(var) + eps)
+    exact_sums = (dz.sum((0, 2, 3)).to(sum_dz.dtype), (dz * xhat).sum((0, 2, 3)).to(sum_dz.dtype))
+    grad_x = emu.bn_act_backward_apply(grad, x, mean, var, weight, bias, *exact_sums, count, eps, slope, True)
+    assert grad_x.stride() == torch.empty_like(x).stride()
+    expected = (
+        channel(weight)
+        * invstd
+        * (dz - channel(exact_sums[0]) / count - xhat * channel(exact_sums[1]) / count)
+    )
+    assert_close(grad_x, expected, **output_tolerance(dtype))
+
+    no_sums = torch.empty(0)  # eval reads no sums
+    grad_x = emu.bn_act_backward_apply(
+        grad, x, mean, var, weight, bias, no_sums, no_sums, 0, eps, slope, False
+    )
+    assert_close(grad_x, channel(weight) * invstd * dz, **output_tolerance(dtype))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bias_act(emu, case, generator):
+    shape, layout, dtype, sms, variant = case
+    with_bias = variant % 2 == 0
+    emu.set_sm_count(sms)
+    slope = 0.2
+    x = make(shape, layout, dtype, generator)
+    bias = torch.randn(shape[1], generator=generator) if with_bias else None  # float32 bias, any x dtype
+    out = emu.bias_act_forward(x, bias, slope)
+    assert out.stride() == torch.empty_like(x).stride()
+    z = x.double() + (channel(bias) if with_bias else 0.0)
+    assert_close(out, act(z, slope), **output_tolerance(dtype))
+
+    grad = make(shape, "nchw" if layout == "channels_last" else "channels_last", dtype, generator)
+    expected = act_grad(grad.double(), out.double(), slope)
+    grad_x, grad_bias = emu.bias_act_backward(grad, out, slope, with_bias)
+    assert grad_x.stride() == torch.empty_like(out).stride()
+    assert_close(grad_x, expected, **output_tolerance(dtype))
+    if with_bias:
+        assert grad_bias.dtype == out.dtype
+        tolerance = (
+            output_tolerance(dtype)
+            if dtype in (torch.bfloat16, torch.float16)
+            else {"rtol": 1e-5, "atol": 1e-4}
+        )
+        assert_close(grad_bias, expected.sum((0, 2, 3)), **tolerance)
+    else:
+        assert grad_bias is None
+
+
+LOSS_CASES = [c for c in CASES if c[0] != (16, 4, 32, 32)] + [((16, 1, 30, 30), "nchw", torch.bfloat16, 2, 0)]
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=case_id)
+def test_gan_loss(emu, case, generator):
+    shape, layout, dtype, sms, variant = case
+    mode = ("vanilla", "lsgan")[variant % 2]
+    target_is_real = variant % 4 < 2
+    emu.set_sm_count(sms)
+    logits = make(shape, layout, dtype, generator, scale=8.0)  # |logits| up to ~30: the stable forms matter
+    loss, grad = emu.gan_loss(logits, target_is_real, mode, True)
+    x = logits.double()
+    target = 1.0 if target_is_real else 0.0
+    if mode == "vanilla":
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(x, torch.full_like(x, target))
+        expected_grad = (torch.sigmoid(x) - target) / x.numel()
+    else:
+        expected = ((x - target) ** 2).mean()
+        expected_grad = 2 * (x - target) / x.numel()
+    assert loss.dtype == stats_dtype(dtype) and loss.dim() == 0
+    assert_close(loss, expected, **({} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}))
+    assert grad.stride() == torch.empty_like(logits).stride()
+    assert_close(grad, expected_grad, **output_tolerance(dtype))
+    loss_only, no_grad = emu.gan_loss(logits, target_is_real, mode, False)
+    assert no_grad is None and torch.equal(loss_only, loss)
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=case_id)
+def test_l1_loss(emu, case, generator):
+    shape, layout, dtype, sms, _variant = case
+    emu.set_sm_count(sms)
+    pred = make(shape, layout, dtype, generator)
+    target = make(shape, "channels_last" if layout == "nchw" else "nchw", dtype, generator)
+    target[0, 0, 0] = pred[0, 0, 0]  # some zero differences: sign(0) = 0
+    weight = 100.0
+    loss, grad = emu.l1_loss(pred, target, weight, True)
+    diff = pred.double() - target.double()
+    assert_close(
+        loss, weight * diff.abs().mean(), **({} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4})
+    )
+    assert grad.stride() == torch.empty_like(pred).stride()
+    assert_close(grad, weight * torch.sign(diff) / diff.numel(), **output_tolerance(dtype))
+
+
+def test_l1_loss_target_of_another_dtype(emu, generator):
+    """A float32 target with a bfloat16 prediction is compared in float32, not rounded to bfloat16."""
+    emu.set_sm_count(2)
+    pred = make((4, 3, 16, 16), "channels_last", torch.bfloat16, generator)
+    target = make((4, 3, 16, 16), "nchw", torch.float32, generator)
+    loss, grad = emu.l1_loss(pred, target, 1.0, True)
+    diff = pred.double() - target.double()
+    assert_close(loss, diff.abs().mean(), rtol=1e-6, atol=1e-6)
+    assert_close(grad, torch.sign(diff) / diff.numel(), **output_tolerance(torch.bfloat16))
+
+
+def test_empty_inputs(emu):
+    """No values: NaN statistics and losses (as torch.var_mean and F's losses), zero sums, empty outputs."""
+    for empty in (torch.empty(0, 3, 2, 2), torch.empty(2, 3, 0, 4)):
+        mean, var = emu.bn_stats(empty)
+        assert mean.isnan().all() and var.isnan().all()
+        assert emu.bn_act_forward(empty, mean, var, None, None, 1e-5, 0.2).shape == empty.shape
+        sums = emu.bn_act_backward_reduce(empty, empty, mean, var, None, None, 1e-5, 0.2)
+        assert all((s == 0).all() for s in sums)
+        grad = emu.bn_act_backward_apply(empty, empty, mean, var, None, None, *sums, 0, 1e-5, 0.2, True)
+        assert grad.shape == empty.shape
+        assert emu.bias_act_backward(empty, empty, 0.2, True)[1].tolist() == [0.0] * 3
+
+
+def test_empty_losses_are_nan(emu):
+    for loss, _ in (
+        emu.gan_loss(torch.empty(0, 1, 3, 3), True, "vanilla", True),
+        emu.l1_loss(*[torch.empty(0)] * 2, 1.0, True),
+    ):
+        assert loss.isnan()
