@@ -6,6 +6,8 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST    the GPU architectures to compile for (default: the visible GPUs, or
                           "8.0;9.0+PTX" when none is visible).
   CUDA_HOME               the toolkit (default: /usr/local/cuda when it holds nvcc, else nvcc on PATH).
+  FASTPIX2PIX_CPU_ISA     avx2|default: the vector ISA of the CPU kernels (default: avx2 on an x86-64
+                          build machine that has it; the library then needs AVX2 where it runs).
 """
 
 from __future__ import annotations
@@ -72,6 +74,30 @@ def resolve_arch_list() -> str:
     return DEFAULT_ARCH_LIST
 
 
+def cpu_isa_flags() -> tuple[str, list[str]]:
+    """The vector ISA of the CPU kernels and its compile flags.
+
+    at::vec only uses vector intrinsics when the including file defines CPU_CAPABILITY_AVX2 and is compiled
+    for AVX2; otherwise it falls back to plain loops, several times slower than the ATen kernels the fused
+    ops replace. (CPU_CAPABILITY itself stays undefined, so that the extension's at::vec namespace cannot
+    collide with ATen's own per-ISA copies.)
+    """
+    import platform
+
+    import torch
+
+    isa = os.environ.get("FASTPIX2PIX_CPU_ISA", "").strip().lower()
+    if not isa:
+        on_x86 = platform.machine().lower() in ("x86_64", "amd64")
+        has_avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        isa = "avx2" if on_x86 and has_avx2 else "default"
+    if isa == "avx2":
+        return isa, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+    if isa == "default":
+        return isa, []
+    raise RuntimeError(f"FASTPIX2PIX_CPU_ISA must be avx2 or default, got {isa!r}")
+
+
 def nvcc_version(cuda_home: str) -> str:
     out = subprocess.run(
         [str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True, check=True
@@ -108,14 +134,16 @@ def extension_modules() -> tuple[list, dict]:
     from torch.utils import cpp_extension
 
     sources = sorted(str(p.relative_to(ROOT)) for p in [*CSRC.glob("*.cpp"), *(CSRC / "cpu").glob("*.cpp")])
+    cpu_isa, isa_flags = cpu_isa_flags()
     info = {
         "version": package_version(),
         "torch": torch.__version__,
         "cuda": with_cuda,
+        "cpu_isa": cpu_isa,
         "build_tool": "setup.py",
     }
     # OpenMP: at::parallel_for is a header template whose threading is compiled into this library.
-    cxx_flags = ["-O3", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp", *isa_flags]
     define_macros = []
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     if with_cuda:

@@ -1,6 +1,7 @@
 // Input validation and layout helpers shared by the CPU and CUDA kernels of every op.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -43,15 +44,21 @@ inline void check_optional_channel_vector(const at::Tensor& ref, const std::opti
   }
 }
 
+inline void check_same_dtype(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but the input has dtype ", ref.scalar_type());
+}
+
 inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
   check_same_device(ref, t, op, name);
   TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have shape ", ref.sizes(), ", got ",
               t.sizes());
 }
 
-// BatchNorm needs more than one value per channel to estimate a variance (as nn.BatchNorm2d says).
+// BatchNorm needs more than one value per channel to estimate a variance (as nn.BatchNorm2d says). Like
+// nn.BatchNorm2d, an empty batch passes: it has no statistics, but nothing to normalise either.
 inline void check_values_per_channel(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.size(1) == 0 || x.numel() / x.size(1) > 1, op,
+  TORCH_CHECK(x.size(1) == 0 || x.numel() / x.size(1) != 1, op,
               ": expected more than 1 value per channel when training, got input size ", x.sizes());
 }
 
@@ -73,6 +80,47 @@ inline at::MemoryFormat memory_format_of(Layout layout) {
 // `t` in `layout`, copying only when it is not already laid out that way.
 inline at::Tensor in_layout(const at::Tensor& t, Layout layout) {
   return t.contiguous(memory_format_of(layout));
+}
+
+// Strides equal wherever they matter (a size-1 dimension's stride never does).
+inline bool same_memory_order(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) {
+    return false;
+  }
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// An op output whose fake kernel is `empty_like(x)` must have exactly those strides (torch.compile asserts
+// them), and empty_like keeps a dense input's strides, whatever their order. The kernels write NCHW or
+// channels_last, which is what empty_like gives in all but rare cases (dense permutations other than these
+// two); for those the kernel writes an NCHW `buffer` and `finish` copies it into place.
+struct OutputLike {
+  at::Tensor out;
+  Layout layout;
+  at::Tensor buffer;
+
+  explicit OutputLike(const at::Tensor& x) : out(at::empty_like(x)), layout(layout_of(out)) {
+    buffer = out.is_contiguous(memory_format_of(layout)) ? out : at::empty(out.sizes(), out.options());
+  }
+
+  at::Tensor finish() const { return buffer.is_same(out) ? out : out.copy_(buffer); }
+};
+
+// The layout a reduction over x walks: the one its elementwise siblings walk (see OutputLike), so that
+// forward and backward copy the same inputs, and none when x is NCHW or channels_last.
+inline Layout walk_layout(const at::Tensor& x) {
+  return x.is_non_overlapping_and_dense() ? layout_of(x) : OutputLike(x).layout;
+}
+
+// `t` with the memory order of `ref`, a dense tensor of the same shape, so that the two can be walked
+// flat, element i of one matching element i of the other: `t` itself when it already has it, else a copy.
+inline at::Tensor in_memory_order_of(const at::Tensor& t, const at::Tensor& ref) {
+  return same_memory_order(t, ref) && t.is_non_overlapping_and_dense() ? t : at::empty_like(ref).copy_(t);
 }
 
 // The per-channel optional parameter as a contiguous statistics-dtype vector, or an undefined tensor.

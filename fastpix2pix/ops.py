@@ -58,7 +58,8 @@ def conv_bn_act(
         eps,
         negative_slope,
     )
-    if training and running_mean is not None and running_var is not None:
+    # An empty batch has no statistics (bn_stats returns NaN): like nn.BatchNorm2d, leave the running ones.
+    if training and running_mean is not None and running_var is not None and out.numel() > 0:
         update_running_stats(running_mean, running_var, mean, var, out.numel() // out.shape[1], momentum)
     return out
 
@@ -143,6 +144,18 @@ def _conv_fake(
     return torch.ops.aten.convolution(x, weight, None, stride, padding, [1, 1], transposed, output_padding, 1)
 
 
+def _conv_backward_fake(grad_y, x, weight, stride, padding, output_padding, transposed, need_x, need_weight):
+    # ATen's convolution_backward meta kernel decides the layouts, as the real op's call does (they are not
+    # empty_like's: an NCHW input with channels_last weights gets a channels_last grad_x, for one).
+    if not (need_x or need_weight):
+        return None, None
+    mask = [need_x, need_weight, False]
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_y, x, weight, None, stride, padding, [1, 1], transposed, output_padding, 1, mask
+    )
+    return grad_x, grad_weight
+
+
 @torch.library.register_fake("fastpix2pix::bn_stats")
 def _bn_stats_fake(x):
     return _channel_stats(x)
@@ -202,9 +215,10 @@ def _conv_bn_act_backward_fake(
     grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride, padding, output_padding, transposed,
     training, eps, negative_slope, output_mask,
 ):  # fmt: skip
+    grad_y = torch.empty_like(conv_out)  # bn_act_backward_apply's output
+    conv_args = (stride, padding, output_padding, transposed)
     return (
-        torch.empty_like(x) if output_mask[0] else None,
-        torch.empty_like(weight) if output_mask[1] else None,
+        *_conv_backward_fake(grad_y, x, weight, *conv_args, output_mask[0], output_mask[1]),
         torch.empty_like(bn_weight) if output_mask[2] else None,
         torch.empty_like(bn_bias) if output_mask[3] else None,
     )
@@ -219,9 +233,11 @@ def _conv_bias_act_fake(x, weight, bias, stride, padding, output_padding, transp
 def _conv_bias_act_backward_fake(
     grad_out, x, weight, out, stride, padding, output_padding, transposed, negative_slope, output_mask
 ):
+    # As conv_bias_act_backward: grad_out passes through when there is no activation nor bias grad.
+    grad_y = torch.empty_like(out) if negative_slope != 1.0 or output_mask[2] else grad_out
+    conv_args = (stride, padding, output_padding, transposed)
     return (
-        torch.empty_like(x) if output_mask[0] else None,
-        torch.empty_like(weight) if output_mask[1] else None,
+        *_conv_backward_fake(grad_y, x, weight, *conv_args, output_mask[0], output_mask[1]),
         out.new_empty(out.shape[1]) if output_mask[2] else None,
     )
 
