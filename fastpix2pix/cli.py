@@ -1,10 +1,11 @@
-"""The ``fastpix2pix`` command: train, test, predict, datasets, demo, info.
+"""The ``fastpix2pix`` command: train, test, predict, eval, datasets, demo, info.
 
     fastpix2pix train   --dataroot datasets/facades --name facades --direction BtoA
     fastpix2pix test    --dataroot datasets/facades --name facades
     fastpix2pix predict --name facades --input labels.png --output photo.png
     fastpix2pix datasets download facades | combine --fold_A A --fold_B B --fold_AB AB | synthetic --root R
     fastpix2pix demo    (synthetic data, a short training run, test, and the results page)
+    fastpix2pix eval    results/facades/test_latest --train-parser   (L1, PSNR, SSIM, FCN-score)
     fastpix2pix info    (build record and devices)
 
 Each command's options: ``fastpix2pix COMMAND --help``. Errors the user can fix (missing files, bad
@@ -14,6 +15,7 @@ sizes, a diverging run) print one message and exit with status 1; set FASTPIX2PI
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -31,7 +33,9 @@ from fastpix2pix.options import (
 
 __all__ = ["main"]
 
-COMMANDS = ("train", "test", "predict", "datasets", "demo", "info")
+COMMANDS = ("train", "test", "predict", "eval", "datasets", "demo", "info")
+# Commands with a parser of their own: the rest of the command line goes to their `main(argv)`.
+SELF_PARSING = {"info": "fastpix2pix.info", "eval": "fastpix2pix.evaluate"}
 USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError)
 
 
@@ -230,15 +234,14 @@ def build_main_parser() -> argparse.ArgumentParser:
     _add_datasets_parser(commands)
     _add_demo_parser(commands)
     commands.add_parser("info", help="how fastpix2pix was built and which devices it sees", add_help=False)
+    commands.add_parser("eval", help="L1/PSNR/SSIM and the facade FCN-score of test results", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "info":  # its own parser, owned by fastpix2pix.info
-        from fastpix2pix.info import main as info_main
-
-        return info_main(argv[1:])
+    if argv and argv[0] in SELF_PARSING:
+        return importlib.import_module(SELF_PARSING[argv[0]]).main(argv[1:])
     args = build_main_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -191,3 +191,9 @@ def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
                  "--datasets_dir", str(tmp_path / "datasets")]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "held-out L1" in out and (tmp_path / "res" / "demo" / "test_latest" / "index.html").is_file()
+
+
+def test_eval_is_dispatched_to_the_evaluator(tmp_path, capsys) -> None:
+    missing = tmp_path / "no_results_here"
+    assert main(["eval", str(missing), "--no-parser"]) == 1
+    assert str(missing) in capsys.readouterr().err
