@@ -15,6 +15,8 @@ from fastpix2pix.cli import main
 from fastpix2pix.data import generate_synthetic_facades, read_image
 from fastpix2pix.options import PredictOptions, TestOptions, TrainOptions, build_parser, parse_options
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = [
     "--netG", "resnet_6blocks", "--ngf", "4", "--ndf", "4", "--backend", "reference", "--device", "cpu",
     "--num_threads", "0", "--seed", "1",
@@ -33,15 +35,6 @@ OFFICIAL_TRAIN_DEFAULTS = {
     "continue_train": False, "epoch": "latest", "phase": "train",
 }  # fmt: skip
 OFFICIAL_TEST_DEFAULTS = {"results_dir": "./results/", "phase": "test", "eval": False, "aspect_ratio": 1.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """Tiny tensors gain nothing from threads; on a busy shared CPU OpenMP spin-waits are very slow."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 # --- options ----------------------------------------------------------------------------------------

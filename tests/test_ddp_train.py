@@ -32,7 +32,7 @@ from fastpix2pix.options import TrainOptions, parse_options
 from fastpix2pix.train import DistributedEpochSampler, EpochSampler, NonFiniteLossError, Trainer
 
 SPAWN_TIMEOUT_S = 2 * JOIN_TIMEOUT_S  # five trainers in a row on a shared 2-core machine
-pytestmark = pytest.mark.timeout(SPAWN_TIMEOUT_S + 120)
+pytestmark = [pytest.mark.timeout(SPAWN_TIMEOUT_S + 120), pytest.mark.usefixtures("one_thread")]
 
 N_TRAIN = 8  # a multiple of the global batch: no padding, so 2 x 2 and 1 x 4 see the same batches
 SIZE = 128
@@ -42,14 +42,6 @@ RESUME_AT, RESUME_TOTAL = 1, 4  # mid-epoch; then across the epoch boundary to t
 # gradients taken in another order: a few ulps of the gradients, scaled by at most lr per step.
 WEIGHT_TOL = {"rtol": 1e-4, "atol": 2e-5}
 LOSS_TOL = {"rtol": 1e-4, "atol": 1e-5}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

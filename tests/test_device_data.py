@@ -39,14 +39,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 SIZE = 32
 SMALL = {"load_size": 40, "crop_size": 32}
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Small tensors: on a few busy cores, intra-op threads' barriers cost more than the work itself."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,19 +38,12 @@ from fastpix2pix.parser_net import (
     train_parser,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SYNTHETIC = resolve_scheme("synthetic")
 FACADES = shared_facades_root()
 needs_facades = pytest.mark.skipif(FACADES is None, reason="facades data absent (set FASTPIX2PIX_FACADES)")
 TINY = ParserConfig(size=32, crop=32, width=8, depth=3, epochs=2, batch_size=4, seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """Small tensors gain nothing from threads, and OpenMP spin-waiting on a busy shared CPU hurts."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

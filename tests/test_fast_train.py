@@ -33,17 +33,11 @@ from fastpix2pix.train import (
     train_step,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = torch.device("cpu")
 NO_CUDA = "CUDA is not available on this machine"
 BACKENDS = ["reference"] + (["fused"] if extension_available() else [])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

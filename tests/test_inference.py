@@ -16,16 +16,9 @@ from fastpix2pix.inference import load_generator, pad_to_multiple, predict, run_
 from fastpix2pix.options import PredictOptions, TestOptions, TrainOptions
 from fastpix2pix.train import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REF = "reference"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """Tiny tensors gain nothing from threads; on a busy shared CPU OpenMP spin-waits are very slow."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def train_tiny(data: Path, checkpoints: Path, **changes: object) -> Path:

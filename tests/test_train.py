@@ -35,18 +35,10 @@ from fastpix2pix.train import (
 )
 from fastpix2pix.visualize import read_loss_log
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REF = "reference"
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """Tiny tensors gain nothing from threads, and on a busy shared CPU OpenMP's spin-waiting makes a
-    2-thread step up to 100x slower than a 1-thread one."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,8 @@ from fastpix2pix.data.single import INFERENCE_OPTIONS, SingleImageDataset
 from fastpix2pix.data.synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_PALETTE,
-    colour_to_labels,
     ensure_synthetic_dataset,
     generate_synthetic_facades,
-    labels_to_colour,
     synthetic_pair,
 )
 from fastpix2pix.data.transforms import (
@@ -69,7 +67,6 @@ __all__ = [
     "UnsafeArchiveError",
     "apply",
     "check_size_for_generator",
-    "colour_to_labels",
     "combine_ab",
     "download_dataset",
     "download_file",
@@ -77,7 +74,6 @@ __all__ = [
     "generate_synthetic_facades",
     "image_size",
     "is_image_file",
-    "labels_to_colour",
     "list_images",
     "output_size",
     "params_rng",

@@ -23,20 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SYNTHETIC_CLASSES: tuple[str, ...] = (
-    "background",
-    "facade",
-    "window",
-    "door",
-    "cornice",
-    "sill",
-    "balcony",
-    "blind",
-    "deco",
-    "molding",
-    "pillar",
-    "shop",
-)
+from fastpix2pix.labelmaps import FACADES_CLASSES, labels_to_rgb
+
+# The classes of the real facades (CMP), so that the same evaluator reads both.
+SYNTHETIC_CLASSES: tuple[str, ...] = FACADES_CLASSES
 """Class names; the index of a name is its class id and its row in :data:`SYNTHETIC_PALETTE`."""
 
 # A 12-step "jet" colormap (as the CMP facades labels): adjacent colours differ by >= 90 in some channel,
@@ -402,17 +392,6 @@ def synthetic_pair(seed: int, split: str, index: int, size: int = 256) -> tuple[
     return _render(rng, canvas), canvas.labels
 
 
-def labels_to_colour(labels: np.ndarray) -> np.ndarray:
-    """Class-id map -> palette colours, ``(..., 3)`` uint8."""
-    return SYNTHETIC_PALETTE[labels]
-
-
-def colour_to_labels(image: np.ndarray) -> np.ndarray:
-    """Palette colours (possibly JPEG-damaged or resized) -> class ids, by the nearest palette colour."""
-    diff = image[..., None, :].astype(np.int32) - SYNTHETIC_PALETTE.astype(np.int32)
-    return np.argmin((diff * diff).sum(axis=-1), axis=-1).astype(np.uint8)
-
-
 def _file_name(index: int, count: int) -> str:
     return f"{index + 1:0{max(4, len(str(count)))}d}.png"
 
@@ -468,7 +447,7 @@ def generate_synthetic_facades(
             out.mkdir()
             for index in range(counts[split]):
                 photo, labels = synthetic_pair(seed, split, index, size)
-                pair = np.concatenate([photo, labels_to_colour(labels)], axis=1)
+                pair = np.concatenate([photo, labels_to_rgb(labels, SYNTHETIC_PALETTE)], axis=1)
                 Image.fromarray(pair).save(out / _file_name(index, counts[split]), compress_level=1)
         for split in SPLITS:
             if (root / split).exists():
