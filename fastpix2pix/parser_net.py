@@ -20,7 +20,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -446,9 +446,3 @@ def load_or_train_parser(
     info = {**key, **model.training_info}
     _save_atomic({"state_dict": model.state_dict(), "info": info}, path)
     return model, path, info
-
-
-def describe(config: ParserConfig) -> str:
-    """One line for logs: the parser's size, resolution and schedule."""
-    fields: Sequence[str] = ("size", "crop", "width", "depth", "epochs", "batch_size", "lr", "seed")
-    return ", ".join(f"{name} {getattr(config, name)}" for name in fields)
