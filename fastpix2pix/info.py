@@ -53,6 +53,12 @@ def collect() -> dict[str, Any]:
     }
 
 
+def _device_details(device: dict[str, Any]) -> str:
+    if "capability" in device:
+        return f"sm {device['capability']}, {device['memory_gib']} GiB"
+    return f"{device['threads']} threads"
+
+
 def format_report(report: dict[str, Any]) -> str:
     build = report["build"]
     lines = [
@@ -72,15 +78,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"cuDNN {runtime['cudnn']})"
     )
     lines.append("  devices:")
-    lines += [
-        f"    {d['device']}: {d['name']}"
-        + (
-            f" (sm {d['capability']}, {d['memory_gib']} GiB)"
-            if "capability" in d
-            else f" ({d['threads']} threads)"
-        )
-        for d in report["devices"]
-    ]
+    lines += [f"    {d['device']}: {d['name']} ({_device_details(d)})" for d in report["devices"]]
     return "\n".join(lines)
 
 
