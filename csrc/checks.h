@@ -55,6 +55,27 @@ inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const c
               t.sizes());
 }
 
+// The arguments every BatchNorm op shares: x a 4-D floating tensor; the statistics and the optional affine
+// parameters per-channel vectors on its device.
+inline void check_bn_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                          const char* op) {
+  check_4d(x, op, "x");
+  check_floating(x, op, "x");
+  const int64_t channels = x.size(1);
+  check_channel_vector(x, mean, channels, op, "mean");
+  check_channel_vector(x, var, channels, op, "var");
+  check_optional_channel_vector(x, weight, channels, op, "weight");
+  check_optional_channel_vector(x, bias, channels, op, "bias");
+}
+
+// A backward op's incoming gradient: the shape and dtype of the forward tensor it belongs to.
+inline void check_grad_out(const at::Tensor& forward_tensor, const at::Tensor& grad_out, const char* op) {
+  TORCH_CHECK(grad_out.defined(), op, ": grad_out is undefined");
+  check_same_shape(forward_tensor, grad_out, op, "grad_out");
+  check_same_dtype(forward_tensor, grad_out, op, "grad_out");
+}
+
 // BatchNorm needs more than one value per channel to estimate a variance (as nn.BatchNorm2d says). Like
 // nn.BatchNorm2d, an empty batch passes: it has no statistics, but nothing to normalise either.
 inline void check_values_per_channel(const at::Tensor& x, const char* op) {

@@ -233,22 +233,6 @@ ChannelArray<double> bias_act_backward_kernel(const Tensor& grad_out, const Tens
 
 // --- the ops: validation, layouts, dtype dispatch ------------------------------------------------------
 
-void check_bn_args(const char* op, const Tensor& x, const Tensor& mean, const Tensor& var,
-                   const OptTensor& weight, const OptTensor& bias) {
-  check_4d(x, op, "x");
-  check_floating(x, op, "x");
-  const int64_t channels = x.size(1);
-  check_channel_vector(x, mean, channels, op, "mean");
-  check_channel_vector(x, var, channels, op, "var");
-  check_optional_channel_vector(x, weight, channels, op, "weight");
-  check_optional_channel_vector(x, bias, channels, op, "bias");
-}
-
-void check_grad_out(const char* op, const Tensor& grad_out, const Tensor& forward_tensor) {
-  check_same_shape(forward_tensor, grad_out, op, "grad_out");
-  check_same_dtype(forward_tensor, grad_out, op, "grad_out");
-}
-
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& x) {
   constexpr const char* op = "fastpix2pix::bn_stats";
   check_4d(x, op, "x");
@@ -265,7 +249,7 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x) {
 Tensor bn_act_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
                       const OptTensor& bias, double eps, double negative_slope) {
   constexpr const char* op = "fastpix2pix::bn_act_forward";
-  check_bn_args(op, x, mean, var, weight, bias);
+  check_bn_args(x, mean, var, weight, bias, op);
   const OutputLike out(x);
   const Tensor input = in_layout(x, out.layout);
   FASTPIX2PIX_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
@@ -279,8 +263,8 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out, const 
                                                   const Tensor& var, const OptTensor& weight,
                                                   const OptTensor& bias, double eps, double negative_slope) {
   constexpr const char* op = "fastpix2pix::bn_act_backward_reduce";
-  check_bn_args(op, x, mean, var, weight, bias);
-  check_grad_out(op, grad_out, x);
+  check_bn_args(x, mean, var, weight, bias, op);
+  check_grad_out(x, grad_out, op);
   const Layout layout = walk_layout(x);
   const Tensor input = in_layout(x, layout);
   const Tensor grad = in_layout(grad_out, layout);
@@ -305,8 +289,8 @@ Tensor bn_act_backward_apply(const Tensor& grad_out, const Tensor& x, const Tens
                              const Tensor& sum_dz_xhat, int64_t count, double eps, double negative_slope,
                              bool training) {
   constexpr const char* op = "fastpix2pix::bn_act_backward_apply";
-  check_bn_args(op, x, mean, var, weight, bias);
-  check_grad_out(op, grad_out, x);
+  check_bn_args(x, mean, var, weight, bias, op);
+  check_grad_out(x, grad_out, op);
   const int64_t channels = x.size(1);
   if (training) {  // eval reads neither the sums nor the count (they may be undefined there)
     check_channel_vector(x, sum_dz, channels, op, "sum_dz");
@@ -353,7 +337,7 @@ std::tuple<Tensor, Tensor> bias_act_backward(const Tensor& grad_out, const Tenso
   constexpr const char* op = "fastpix2pix::bias_act_backward";
   check_4d(out, op, "out");
   check_floating(out, op, "out");
-  check_grad_out(op, grad_out, out);
+  check_grad_out(out, grad_out, op);
   // act'(z) is read off the sign of out = act(z), which is the sign of z only for a non-negative slope.
   TORCH_CHECK(negative_slope >= 0, op,
               ": negative_slope must be >= 0 (act' is read off the output's sign), got ", negative_slope);

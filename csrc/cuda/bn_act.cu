@@ -255,24 +255,11 @@ BnChannels<acc_t> bn_channels(const Tensor& mean, const Tensor& var, const Tenso
           optional_data<acc_t>(bias), static_cast<acc_t>(eps)};
 }
 
-// Checks shared by the BatchNorm ops: x is a 4-D floating CUDA tensor, the statistics and the optional affine
-// parameters are per-channel vectors on its device.
+// The BatchNorm ops' shared checks (checks.h), on the GPU.
 void check_bn_inputs(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
                      const OptTensor& bias, const char* op) {
   check_cuda(x, op, "x");
-  check_4d(x, op, "x");
-  check_floating(x, op, "x");
-  const int64_t channels = x.size(1);
-  check_channel_vector(x, mean, channels, op, "mean");
-  check_channel_vector(x, var, channels, op, "var");
-  check_optional_channel_vector(x, weight, channels, op, "weight");
-  check_optional_channel_vector(x, bias, channels, op, "bias");
-}
-
-void check_grad_out(const Tensor& x, const Tensor& grad_out, const char* op) {
-  TORCH_CHECK(grad_out.defined(), op, ": grad_out is undefined");
-  check_same_shape(x, grad_out, op, "grad_out");
-  check_same_dtype(x, grad_out, op, "grad_out");
+  check_bn_args(x, mean, var, weight, bias, op);
 }
 
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
