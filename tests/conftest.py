@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+from fastpix2pix.data.synthetic import generate_synthetic_facades
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +19,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 train and 2 test pairs of 32x32 synthetic facades (photo | labels; the task is BtoA)."""
+    return generate_synthetic_facades(
+        tmp_path_factory.mktemp("synthetic32"), n_train=4, n_test=2, size=32, seed=0
+    )

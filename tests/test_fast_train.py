@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import tiny_options as shared_tiny_options
 
 from fastpix2pix.backend import extension_available
-from fastpix2pix.data.synthetic import generate_synthetic_facades
 from fastpix2pix.fast_train import (
     FastPathConfig,
     FastStep,
@@ -40,21 +40,9 @@ NO_CUDA = "CUDA is not available on this machine"
 BACKENDS = ["reference"] + (["fused"] if extension_available() else [])
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_synthetic_facades(
-        tmp_path_factory.mktemp("synthetic32"), n_train=4, n_test=2, size=32, seed=0
-    )
-
-
 def tiny_options(dataroot: Path, checkpoints: Path, **changes: object) -> TrainOptions:
-    opt = TrainOptions(
-        dataroot=str(dataroot), direction="BtoA", name="tiny", checkpoints_dir=str(checkpoints),
-        netG="resnet_6blocks", ngf=4, ndf=4, load_size=36, crop_size=32, n_epochs=1,
-        n_epochs_decay=1, num_threads=0, backend="reference", device="cpu", seed=3, deterministic=True,
-        print_freq=1, display_freq=1000, save_latest_freq=10_000, save_epoch_freq=1, batch_size=2,
-    )  # fmt: skip
-    return dataclasses.replace(opt, **changes)
+    """The shared tiny run in batches of 2 (an epoch of the 4 pairs is 2 iterations), no sample pages."""
+    return shared_tiny_options(dataroot, checkpoints, **({"display_freq": 1000, "batch_size": 2} | changes))
 
 
 def cpu_config(**changes: object) -> FastPathConfig:

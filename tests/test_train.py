@@ -8,7 +8,6 @@ second per iteration on a CPU; the semantics under test do not depend on the siz
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_run import tiny_options
 
 import fastpix2pix.train as train_module
 from fastpix2pix.backend import extension_available
@@ -39,24 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 REF = "reference"
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 train and 2 test pairs of 32x32 synthetic facades (photo | labels; the task is BtoA)."""
-    return generate_synthetic_facades(
-        tmp_path_factory.mktemp("synthetic32"), n_train=4, n_test=2, size=32, seed=0
-    )
-
-
-def tiny_options(dataroot: Path, checkpoints: Path, **changes: object) -> TrainOptions:
-    opt = TrainOptions(
-        dataroot=str(dataroot), direction="BtoA", name="tiny", checkpoints_dir=str(checkpoints),
-        netG="resnet_6blocks", ngf=4, ndf=4, load_size=36, crop_size=32, n_epochs=1, n_epochs_decay=1,
-        num_threads=0, backend=REF, device="cpu", seed=3, deterministic=True, print_freq=1, display_freq=2,
-        save_latest_freq=10_000, save_epoch_freq=1,
-    )  # fmt: skip
-    return dataclasses.replace(opt, **changes)
 
 
 def run(opt: TrainOptions) -> Trainer:
