@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.14.1
 # Build with both cores by default; CUDA_HOME is resolved by setup.py.
 export MAX_JOBS ?= 2
 
-.PHONY: demo test test-fast lint format build venv cmake bench-cpu clean
+.PHONY: demo test test-fast lint format build venv cmake bench-cpu gpu-check clean
 
 demo: build
 	$(PY) -m fastpix2pix info
@@ -46,6 +46,13 @@ cmake: venv
 
 bench-cpu: build
 	$(PY) -m pytest benchmarks/bench_cpu_ops.py --benchmark-only --benchmark-json=benchmarks/results/cpu_ops.json
+
+# The prepared GPU check (benchmarks/gpu_check.py), for a lent GPU machine whose python3 has torch and
+# nvcc: STAGE=1 (correctness) or 2 (speed), each under 8 minutes; DRY_RUN=1 lists the steps anywhere.
+GPU_PYTHON ?= python3
+STAGE ?= all
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --stage $(STAGE) $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf build fastpix2pix/_C*.so *.egg-info

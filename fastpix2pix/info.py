@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import warnings
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 import fastpix2pix
+from fastpix2pix.selfcheck import KernelCheckWarning, OpCheck, format_kernel_checks, verify_kernels
 
 
 def device_report() -> list[dict[str, Any]]:
@@ -82,10 +85,38 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_devices() -> list[OpCheck]:
+    """The fused-kernel self-check (:mod:`fastpix2pix.selfcheck`) on the CPU and every visible GPU."""
+    devices = ["cpu"]
+    if fastpix2pix.BUILD_INFO.get("cuda"):
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KernelCheckWarning)  # the table says it
+        return [check for device in devices for check in verify_kernels(device)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastpix2pix info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="also run every fused op against the reference ops on each device (the start-up self-check) "
+        "and print the results; exit status 1 if any op disagrees",
+    )
     args = parser.parse_args(argv)
     report = collect()
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    checks: list[OpCheck] = []
+    if args.check:
+        if not report["extension_loaded"]:
+            parser.error("--check needs the compiled library fastpix2pix._C, which is not built")
+        checks = check_devices()
+        report["kernel_checks"] = [asdict(c) | {"passed": c.passed} for c in checks]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+        if checks:
+            print("kernel self-check (fused vs reference, float32, relative norm error):")
+            print(format_kernel_checks(checks))
+    return 0 if all(c.passed for c in checks) else 1

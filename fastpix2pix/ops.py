@@ -7,12 +7,16 @@ the same results. Importing this module needs the compiled library (see :mod:`fa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
+from fastpix2pix import reference
 from fastpix2pix._extension import REBUILD_HINT, extension_available
 from fastpix2pix.reference import GAN_MODES
+from fastpix2pix.selfcheck import fused_kernels_usable
 
 if not extension_available():
     raise ImportError(f"fastpix2pix.ops needs the compiled library fastpix2pix._C: {REBUILD_HINT}")
@@ -24,7 +28,32 @@ __all__ = ["conv_bias_act", "conv_bn_act", "gan_loss", "l1_loss", "update_runnin
 
 # --- the public functions ------------------------------------------------------------------------
 
+F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
+
+@torch.compiler.assume_constant_result
+def _usable(device: torch.device) -> bool:
+    # A constant for torch.compile: the verdict is a per-device fact, fixed for the process.
+    return fused_kernels_usable(device)
+
+
+def _self_checked(fallback: Callable[..., torch.Tensor]) -> Callable[[F], F]:
+    """Run ``fallback`` (the reference op) instead on a device where the kernel check failed
+    (:mod:`fastpix2pix.selfcheck`, which also runs that check the first time a device is used)."""
+
+    def decorate(fused: F) -> F:
+        @functools.wraps(fused)
+        def call(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if _usable(x.device):
+                return fused(x, *args, **kwargs)
+            return fallback(x, *args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return decorate
+
+
+@_self_checked(reference.conv_bn_act)
 def conv_bn_act(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -64,6 +93,7 @@ def conv_bn_act(
     return out
 
 
+@_self_checked(reference.conv_bias_act)
 def conv_bias_act(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -81,6 +111,7 @@ def conv_bias_act(
     )
 
 
+@_self_checked(reference.gan_loss)
 def gan_loss(logits: torch.Tensor, target_is_real: bool, mode: str = "vanilla") -> torch.Tensor:
     """Mean GAN loss of a patch map; its gradient is computed in the same pass as the value."""
     if mode not in GAN_MODES:
@@ -89,6 +120,7 @@ def gan_loss(logits: torch.Tensor, target_is_real: bool, mode: str = "vanilla") 
     return loss
 
 
+@_self_checked(reference.l1_loss)
 def l1_loss(pred: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     """``weight * mean|pred - target|``; its gradient is computed in the same pass as the value."""
     loss, _ = _lib.l1_loss(pred, target, weight, _wants_grad(pred, target))

@@ -1,0 +1,174 @@
+"""The start-up kernel self-check (fastpix2pix.selfcheck): it passes on working kernels, catches a
+sabotaged one, warns once, and falls back to the reference ops on that device only."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from fastpix2pix import reference, selfcheck
+from fastpix2pix.backend import extension_available
+
+if not extension_available():
+    pytest.skip(
+        "the compiled library fastpix2pix._C is not built: no fused ops to check", allow_module_level=True
+    )
+
+from fastpix2pix import info, ops  # (needs the library)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts():
+    selfcheck.reset_kernel_checks()
+    yield
+    selfcheck.reset_kernel_checks()
+
+
+class _Sabotaged:
+    """torch.ops.fastpix2pix with one op's first output scaled: a kernel off by ``relative``."""
+
+    def __init__(self, op: str, relative: float) -> None:
+        self.op, self.relative = op, relative
+
+    def __getattr__(self, name: str):
+        real = getattr(torch.ops.fastpix2pix, name)
+        if name != self.op:
+            return real
+
+        def call(*args):
+            result = real(*args)
+            if isinstance(result, torch.Tensor):
+                return result * (1 + self.relative)
+            first, *rest = result
+            return (first * (1 + self.relative), *rest)
+
+        return call
+
+
+def _sabotage(monkeypatch: pytest.MonkeyPatch, op: str, relative: float) -> None:
+    monkeypatch.setattr(ops, "_lib", _Sabotaged(op, relative))
+
+
+def test_working_kernels_pass_with_margin():
+    checks = selfcheck.verify_kernels(CPU)
+    assert {c.op for c in checks} == set(selfcheck.CASES)
+    for check in checks:
+        assert check.passed, check
+        assert check.error < check.tolerance / 10, check  # far from the line, not just under it
+
+
+@pytest.mark.parametrize(
+    ("op", "case"),
+    [
+        ("conv_bn_act", "conv_bn_act (down, LeakyReLU, NCHW)"),
+        ("conv_bias_act", "conv_bias_act (LeakyReLU)"),
+        ("gan_loss", "gan_loss (vanilla, real)"),
+        ("l1_loss", "l1_loss"),
+    ],
+)
+def test_a_kernel_off_by_1e_3_is_caught(monkeypatch, op, case):
+    _sabotage(monkeypatch, op, 1e-3)
+    with pytest.warns(selfcheck.KernelCheckWarning, match=rf"{op}.*cpu"):
+        checks = selfcheck.verify_kernels(CPU)
+    failed = {c.op for c in checks if not c.passed}
+    assert case in failed
+    assert all(c.op.startswith(op) for c in checks if not c.passed)
+
+
+def test_a_failed_device_falls_back_to_the_reference_ops_and_warns_once(monkeypatch):
+    _sabotage(monkeypatch, "l1_loss", 1e-2)
+    pred, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with pytest.warns(selfcheck.KernelCheckWarning, match="using the reference ops on cpu") as record:
+        loss = ops.l1_loss(pred, target, 100.0)
+    assert len(record) == 1
+    assert torch.equal(loss, reference.l1_loss(pred, target, 100.0))  # the reference op ran
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        again = ops.l1_loss(pred, target, 100.0)
+    assert torch.equal(again, reference.l1_loss(pred, target, 100.0))
+    assert not selfcheck.fused_kernels_usable(CPU)
+
+
+def test_the_first_fused_call_on_a_device_runs_the_check(monkeypatch):
+    calls = []
+    real = selfcheck.verify_kernels
+    monkeypatch.setattr(selfcheck, "verify_kernels", lambda device: calls.append(device) or real(device))
+    pred = torch.randn(2, 3, 8, 8, requires_grad=True)
+    ops.l1_loss(pred, torch.randn(2, 3, 8, 8)).backward()
+    ops.l1_loss(pred, torch.randn(2, 3, 8, 8))
+    assert calls == [CPU]
+    assert selfcheck.fused_kernels_usable(CPU)
+
+
+def test_switched_off_no_check_runs(monkeypatch):
+    monkeypatch.setattr(selfcheck, "_enabled", False)
+    _sabotage(monkeypatch, "l1_loss", 1e-2)
+    pred, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = ops.l1_loss(pred, target)
+    assert not torch.equal(loss, reference.l1_loss(pred, target))  # the (sabotaged) fused op ran
+
+
+def test_a_kernel_that_raises_fails_the_device(monkeypatch):
+    # E.g. "no kernel image is available for execution on the device" on a GPU the build did not target.
+    class Raising:
+        def __getattr__(self, name):
+            def call(*args):
+                raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+            return call
+
+    monkeypatch.setattr(ops, "_lib", Raising())
+    with pytest.warns(selfcheck.KernelCheckWarning, match="no kernel image"):
+        checks = selfcheck.verify_kernels(CPU)
+    assert not any(c.passed for c in checks)
+    assert not selfcheck.fused_kernels_usable(CPU)
+
+
+def test_the_environment_variable_switches_it_off(monkeypatch):
+    monkeypatch.setattr(selfcheck, "_enabled", None)
+    monkeypatch.setenv("FASTPIX2PIX_SELF_CHECK", "0")
+    assert not selfcheck.self_check_enabled()
+    monkeypatch.setattr(selfcheck, "_enabled", None)
+    monkeypatch.setenv("FASTPIX2PIX_SELF_CHECK", "1")
+    assert selfcheck.self_check_enabled()
+
+
+def test_the_check_leaves_the_callers_random_state_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    selfcheck.verify_kernels(CPU)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_info_check_prints_a_table_and_fails_on_a_bad_kernel(monkeypatch, capsys):
+    assert info.main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel self-check" in out
+    assert all(name in out for name in selfcheck.CASES)
+    selfcheck.reset_kernel_checks()
+    _sabotage(monkeypatch, "gan_loss", 1e-2)
+    assert info.main(["--check"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_relative_error_treats_non_finite_and_shape_mismatches_as_failures():
+    ref = torch.ones(4)
+    assert selfcheck.relative_error(ref.clone(), ref) == 0
+    assert math.isinf(selfcheck.relative_error(torch.tensor([1.0, math.nan, 1, 1]), ref))
+    assert math.isinf(selfcheck.relative_error(torch.ones(5), ref))
+    assert selfcheck.relative_error(torch.full((4,), 1.001), ref) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_the_fallback_is_compiled_as_a_constant():
+    # A device's verdict is a constant for torch.compile: the fused op traces without a graph break.
+    compiled = torch.compile(ops.l1_loss, fullgraph=True, backend="eager")
+    pred, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(compiled(pred, target), reference.l1_loss(pred, target))
