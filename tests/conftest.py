@@ -27,3 +27,11 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_synthetic_facades(
         tmp_path_factory.mktemp("synthetic32"), n_train=4, n_test=2, size=32, seed=0
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that skips without CUDA as ``cuda``, so that ``pytest -m cuda`` (the GPU check)
+    selects all of them, whichever way a module spells its skip."""
+    for item in items:
+        if any("CUDA" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
