@@ -26,9 +26,12 @@ per sample with numpy, this class per batch with torch.
 
 Epochs: :meth:`DeviceDataset.start_epoch` installs the epoch's order (a shuffle drawn from
 ``(seed, epoch)``, or the caller's order, e.g. the CPU trainer's ``EpochSampler.order(epoch)``) and
-reseeds the augmentation generator from ``(seed, epoch)``. The batch size is fixed, as a CUDA graph
-needs, so the last incomplete batch of an epoch is *wrapped*: it is topped up with the first samples of
-the same epoch's order. An epoch therefore has ``ceil(N / batch_size)`` batches, as the CPU trainer's
+reseeds the augmentation generator from ``(seed, epoch)``. A mid-epoch resume is exact only with
+:meth:`DeviceDataset.state_dict` in the checkpoint: ``start_epoch(epoch, order, start)`` then
+``load_state_dict(saved)`` puts back the position and the generator's state (reseeding alone would replay
+the epoch's first crops and flips). The batch size is fixed, as a CUDA graph needs, so the last
+incomplete batch of an epoch is *wrapped*: it is topped up with the first samples of the same epoch's
+order. An epoch therefore has ``ceil(N / batch_size)`` batches, as the CPU trainer's
 ``drop_last=False`` loader, and every sample is seen at least once; the ``N % batch_size`` samples that
 top up the last batch are seen twice (with fresh crops and flips). ``drop_last=True`` instead counts
 ``floor(N / batch_size)`` batches per epoch (the data path is the same).
@@ -47,22 +50,63 @@ Usage with a CUDA graph (the generator must be registered with the graph)::
         data.start_epoch(epoch)
         for _ in range(data.batches_per_epoch):
             graph.replay()
+
+Size check: the whole training set held on the device can exceed its memory (edges2shoes: ~33 GiB decoded,
+edges2handbags ~90 GiB), and samples of different sizes after preprocessing cannot be stacked.
+:func:`plan_batch_source` estimates the footprint from the image headers (:func:`estimate_device_bytes`,
+no pixel decoded) and returns a :class:`DeviceDataset` when it fits in ``max_share`` of the free memory,
+else a :class:`fastpix2pix.streaming_data.StreamingDataset` (a DataLoader over the CPU pipeline, pinned
+memory, non-blocking copies), with a one-line reason to print. Both implement :class:`BatchSource`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fastpix2pix.data.aligned import AlignedDataset
-from fastpix2pix.data.images import max_value
-from fastpix2pix.data.transforms import AugmentParams, transform_array
+from fastpix2pix.data.images import (
+    _DECODE_ERRORS,
+    ImageReadError,
+    _low_byte_rawmode,
+    _tile_rawmode,
+    max_value,
+)
+from fastpix2pix.data.transforms import AugmentParams, output_size, resized_size, transform_array
+
+if TYPE_CHECKING:
+    from fastpix2pix.streaming_data import StreamingDataset
+
+__all__ = [
+    "DEFAULT_DEVICE_SHARE",
+    "SOURCE_POLICIES",
+    "BatchSource",
+    "DeviceDataset",
+    "SampleGeometry",
+    "StorageMismatchError",
+    "StoredImages",
+    "check_resume_state",
+    "checked_order",
+    "default_epoch_order",
+    "estimate_device_bytes",
+    "free_memory",
+    "load_images",
+    "normalize_into",
+    "padded_pixel_bytes",
+    "plan_batch_source",
+    "sample_geometry",
+    "survey_dataset",
+    "unpack_pixels",
+]
 
 # Stream ids that separate the epoch order and the augmentation draws derived from the same (seed, epoch).
 _ORDER_STREAM = 1
@@ -142,9 +186,15 @@ def _decoded_pairs(dataset: AlignedDataset, workers: int) -> Iterator[np.ndarray
         yield from pool.map(lambda i: _preprocessed_pair(dataset, i), indices)
 
 
-def _mismatch_error(dataset: AlignedDataset, index: int, pair: np.ndarray, first: np.ndarray) -> ValueError:
+class StorageMismatchError(ValueError):
+    """Two samples differ in size or bit depth after preprocessing: one device tensor cannot hold both."""
+
+
+def _mismatch_error(
+    dataset: AlignedDataset, index: int, pair: np.ndarray, first: np.ndarray
+) -> StorageMismatchError:
     mode = dataset.options.preprocess
-    return ValueError(
+    return StorageMismatchError(
         f"{dataset.paths[index]}: after preprocess {mode!r} this sample is {pair.shape[1]}x{pair.shape[0]} "
         f"(WxH) {pair.dtype}, but {dataset.paths[0]} is {first.shape[1]}x{first.shape[0]} {first.dtype}. "
         f"DeviceDataset stacks all samples in one tensor, so preprocess {mode!r} needs source images of "
@@ -186,6 +236,65 @@ def _stream_seed(seed: int, epoch: int, stream: int) -> int:
     """A 63-bit seed for one (seed, epoch, stream): independent streams via numpy's SeedSequence."""
     state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(1))
+
+
+def default_epoch_order(size: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The sample order of ``epoch`` when the caller gives none: ``0..size-1`` without ``shuffle``, else a
+    permutation that is a function of ``(seed, epoch)`` only (so a resumed run reproduces it)."""
+    if not shuffle:
+        return torch.arange(size)
+    generator = torch.Generator().manual_seed(_stream_seed(seed, epoch, _ORDER_STREAM))
+    return torch.randperm(size, generator=generator)
+
+
+def checked_order(order: IntsLike, size: int) -> torch.Tensor:
+    """``order`` as a CPU int64 tensor, after checking that it is a permutation of ``0..size-1``."""
+    order_t = torch.as_tensor(order, dtype=torch.int64).cpu()
+    if order_t.shape != (size,) or not torch.equal(order_t.sort().values, torch.arange(size)):
+        raise ValueError(f"order must be a permutation of 0..{size - 1}, got {order_t.shape[0]} indices")
+    return order_t
+
+
+def check_resume_state(state: Mapping[str, Any], *, seed: int, epoch: int, start: int, size: int) -> bool:
+    """Whether a batch source's saved ``state`` applies to the epoch just started (the caller then restores
+    its position and random state), or belongs to an earlier, finished epoch (False: nothing to restore).
+
+    A state from an earlier epoch is what a checkpoint written at an epoch's end holds; the uninterrupted
+    run then started the next epoch afresh, as the resumed one just did. A state of this epoch may be at
+    any position from ``start`` on (a resume restores the checkpoint's, with ``start`` the same position;
+    a capture's warm-up is undone from wherever the epoch is); one from a later epoch, or from before
+    ``start`` (samples the run would train on twice), is a caller error and raises.
+    """
+    saved_seed, saved_epoch, position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+    if saved_seed != seed:
+        raise ValueError(f"the saved data state has seed {saved_seed}, this source seed {seed}")
+    if saved_epoch < epoch:
+        return False
+    if saved_epoch > epoch:
+        raise ValueError(f"the saved data state is from epoch {saved_epoch}, but epoch {epoch} was started")
+    # The position runs past the end in the wrapped last batch; the trainer's count stops at the end.
+    if min(position, size) < start:
+        raise ValueError(
+            f"the saved data state is at position {position} of epoch {epoch}, before the start={start} "
+            f"given to start_epoch: call start_epoch(epoch, order, start=<images done in the epoch>) first"
+        )
+    return True
+
+
+def normalize_into(
+    crop: torch.Tensor, out: torch.Tensor, half_scale: torch.Tensor, minus_one: torch.Tensor
+) -> None:
+    """``to_tensor``'s floats from an NHWC integer crop, written into the NCHW ``out``.
+
+    ``to_tensor`` computes ``(x / s - 0.5) / 0.5`` in float32. Scaling by 2 commutes with rounding, so that
+    equals ``-1 + x / (s / 2)`` bit for bit: one ``addcdiv`` pass (a correctly rounded quotient, then one
+    rounded addition) after the cast. The cast is its own pass because an integer input to
+    ``addcdiv``/``div`` with ``out=`` would first be copied to a new float tensor. ``half_scale`` (127.5 or
+    32767.5) and ``minus_one`` are 0-dim tensors on ``out``'s device: CUDA turns division by a host scalar
+    into a multiplication by its reciprocal, which is not always the correctly rounded quotient.
+    """
+    out.copy_(crop.permute(0, 3, 1, 2))
+    torch.addcdiv(minus_one, out, half_scale, out=out)
 
 
 class DeviceDataset:
@@ -307,10 +416,7 @@ class DeviceDataset:
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The sample order of ``epoch``: ``0..N-1`` with ``serial_batches``, else a shuffle that is a
         function of ``(seed, epoch)`` only (so a resumed run reproduces it)."""
-        if self.options.serial_batches:
-            return torch.arange(len(self))
-        generator = torch.Generator().manual_seed(_stream_seed(self.seed, epoch, _ORDER_STREAM))
-        return torch.randperm(len(self), generator=generator)
+        return default_epoch_order(len(self), self.seed, epoch, not self.options.serial_batches)
 
     def start_epoch(self, epoch: int, order: IntsLike | None = None, start: int = 0) -> None:
         """Install the order of ``epoch`` and reseed the augmentation; the next batch starts at position
@@ -319,16 +425,63 @@ class DeviceDataset:
         ``order`` (a permutation of ``0..N-1``) replaces :meth:`epoch_order`, e.g. to follow the CPU
         trainer's ``EpochSampler.order(epoch)`` sample for sample.
         """
-        order_t = self.epoch_order(epoch) if order is None else torch.as_tensor(order, dtype=torch.int64)
         n = len(self)
-        if order_t.shape != (n,) or not torch.equal(order_t.sort().values, torch.arange(n)):
-            raise ValueError(f"order must be a permutation of 0..{n - 1}, got {order_t.shape[0]} indices")
+        order_t = self.epoch_order(epoch) if order is None else checked_order(order, n)
         if not 0 <= start <= n:
             raise ValueError(f"start must be in 0..{n}, got {start}")
         self._order.copy_(order_t)
         self._position.fill_(start)
         self.generator.manual_seed(_stream_seed(self.seed, epoch, _AUGMENT_STREAM))
         self.epoch, self.start = epoch, start
+
+    # --- the batch-source interface (see BatchSource) ---
+
+    in_graph = True  # next_batch is device ops only, in place: a CUDA graph may capture it
+    fixed_shape = True  # one stacked tensor: every sample has the same size
+
+    def generators(self) -> tuple[torch.Generator, ...]:
+        """The device generators a captured graph must register (their offsets advance at each replay)."""
+        return (self.generator,)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the epoch is and the augmentation generator's state, for an exact mid-epoch resume.
+
+        Reads the device position counter: a host sync (checkpoint time only). The generator state is a CPU
+        ``ByteTensor`` on every device (a CUDA generator's is its seed and Philox offset, which graph replays
+        advance on the host, so it is current without a sync).
+        """
+        return {
+            "source": "device",
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": int(self._position),
+            "generator": self.generator.get_state(),
+            "generator_device": self.device.type,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue exactly where ``state`` (a :meth:`state_dict`) was taken; call after
+        ``start_epoch(epoch, order, start)`` with the checkpoint's epoch and position.
+
+        A state from an earlier, finished epoch is ignored (the epoch just started is then fresh, as in the
+        uninterrupted run). The position and the generator are written in place, so a captured graph keeps
+        reading them; this is also how to undo the warm-up draws of a capture (``state_dict`` before it,
+        ``load_state_dict`` after it).
+        """
+        if not check_resume_state(state, seed=self.seed, epoch=self.epoch, start=self.start, size=len(self)):
+            return
+        self._position.fill_(int(state["position"]))
+        saved = state.get("generator")
+        if saved is None:  # a streaming source's state: its randomness does not carry over
+            return
+        if state.get("generator_device") != self.device.type:
+            warnings.warn(
+                f"data state saved with a {state.get('generator_device')} generator cannot be restored on "
+                f"{self.device.type}: the rest of epoch {self.epoch} draws other crops and flips",
+                stacklevel=2,
+            )
+            return
+        self.generator.set_state(saved.cpu())
 
     # --- batches ---
 
@@ -393,12 +546,286 @@ class DeviceDataset:
         return self.A, self.B
 
     def _normalize(self, crop: torch.Tensor, out: torch.Tensor) -> None:
-        """``to_tensor``'s floats from an NHWC integer crop, written into the NCHW ``out``.
+        normalize_into(crop, out, self._half_scale, self._minus_one)
 
-        ``to_tensor`` computes ``(x / s - 0.5) / 0.5`` in float32. Scaling by 2 commutes with rounding, so
-        that equals ``-1 + x / (s / 2)`` bit for bit: one ``addcdiv`` pass (a correctly rounded quotient,
-        then one rounded addition) after the cast. The cast is its own pass because an integer input to
-        ``addcdiv``/``div`` with ``out=`` would first be copied to a new float tensor.
-        """
-        out.copy_(crop.permute(0, 3, 1, 2))
-        torch.addcdiv(self._minus_one, out, self._half_scale, out=out)
+
+# --- the batch-source interface --------------------------------------------------------------------------
+
+
+class BatchSource(Protocol):
+    """What the fast trainer reads its batches from: a :class:`DeviceDataset` or a
+    :class:`fastpix2pix.streaming_data.StreamingDataset`.
+
+    Attributes:
+        A, B: the current batch (float32 in [-1, 1], NCHW, channels_last when asked). With ``fixed_shape``
+            they are static device tensors rewritten in place by every :meth:`next_batch`.
+        batch_size: samples per batch.
+        batches_per_epoch: ``ceil((N - start) / batch_size)`` (the last batch topped up with the epoch's
+            first samples so shapes stay fixed), or ``floor`` with ``drop_last``.
+        in_graph: :meth:`next_batch` may be captured in a CUDA graph. When False, call it eagerly before
+            each replay; the graph reads ``A`` and ``B``.
+        fixed_shape: every batch has the same shape (False: ``A``/``B`` are new tensors at each call and no
+            graph can be used).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    batch_size: int
+    in_graph: bool
+    fixed_shape: bool
+
+    def __len__(self) -> int: ...
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def start_epoch(self, epoch: int, order: IntsLike | None = None, start: int = 0) -> None: ...
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def generators(self) -> tuple[torch.Generator, ...]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+# --- the footprint, from the image headers ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleGeometry:
+    """One sample's sizes, read from its file header (no pixel decoded).
+
+    Attributes:
+        stored_size: ``(width, height)`` a :class:`DeviceDataset` keeps: after the resize, before the crop.
+        output_size: ``(width, height)`` of the batch tensors.
+        bytes_per_channel: 1 for 8-bit sources, 2 for 16-bit ones (:func:`read_image` keeps 16 bits).
+    """
+
+    stored_size: tuple[int, int]
+    output_size: tuple[int, int]
+    bytes_per_channel: int
+
+
+def _header_bytes_per_channel(im: Image.Image) -> int:
+    """The bytes per channel :func:`read_image` decodes this file to, from the header alone: the same
+    decisions as its ``_decode`` (16-bit gray and 16-bit RGB(A) PNG/TIFF keep 16 bits)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        return 2
+    if im.mode in ("RGB", "RGBA"):
+        rawmodes = {_tile_rawmode(tile.args) for tile in im.tile}
+        if len(rawmodes) == 1 and _low_byte_rawmode(rawmodes.pop() or "") is not None:
+            return 2
+    return 1
+
+
+def sample_geometry(dataset: AlignedDataset, index: int) -> SampleGeometry:
+    """The sizes of sample ``index`` after ``dataset.options.preprocess``, from its file header."""
+    path = dataset.paths[index]
+    try:
+        with Image.open(path) as im:
+            (width, height), depth = im.size, _header_bytes_per_channel(im)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except _DECODE_ERRORS as err:
+        raise ImageReadError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+    half = (width // 2, height)  # one side of the A|B pair, as split_ab cuts it
+    options = dataset.options
+    return SampleGeometry(resized_size(half, options), output_size(half, options), depth)
+
+
+def survey_dataset(dataset: AlignedDataset, workers: int | None = None) -> list[SampleGeometry]:
+    """:func:`sample_geometry` of every sample, in index order (threads: header reads wait on the disk)."""
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    indices = range(len(dataset))
+    if workers <= 1:
+        return [sample_geometry(dataset, i) for i in indices]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda i: sample_geometry(dataset, i), indices))
+
+
+def _stored_bytes(dataset: AlignedDataset, geometry: SampleGeometry) -> int:
+    """Bytes one sample takes in :class:`StoredImages` (packed, padded pixels)."""
+    width, height = geometry.stored_size
+    channels = dataset.options.input_nc + dataset.options.output_nc
+    return width * height * padded_pixel_bytes(channels * geometry.bytes_per_channel)
+
+
+def _first_storage_mismatch(geometry: Sequence[SampleGeometry]) -> int | None:
+    """The first sample whose stored size or bit depth differs from sample 0's, or None."""
+    first = geometry[0]
+    for index, sample in enumerate(geometry):
+        if (sample.stored_size, sample.bytes_per_channel) != (first.stored_size, first.bytes_per_channel):
+            return index
+    return None
+
+
+def estimate_device_bytes(
+    dataset: AlignedDataset, *, workers: int | None = None, geometry: Sequence[SampleGeometry] | None = None
+) -> int | None:
+    """The bytes :class:`DeviceDataset` would store for ``dataset`` (its ``stored.words.nbytes``), from the
+    image headers; None when the samples differ in size or bit depth after the deterministic resize (one
+    device tensor cannot hold them). ``geometry`` reuses a :func:`survey_dataset` result."""
+    geometry = survey_dataset(dataset, workers) if geometry is None else geometry
+    if _first_storage_mismatch(geometry) is not None:
+        return None
+    return len(geometry) * _stored_bytes(dataset, geometry[0])
+
+
+# --- the memory budget -----------------------------------------------------------------------------------
+
+# Share of the free memory the decoded training set may take on the device. Half: the rest must hold what
+# the run allocates after the data: activations saved for backward (they grow with --batch_size and the
+# image size), cuDNN workspaces, the CUDA graph's private pool, the warm-up snapshot of weights and Adam
+# state, and allocator fragmentation. An over-estimate of the room left only costs speed (the data is
+# streamed, see plan_batch_source), an under-estimate an out-of-memory error; at the defaults (unet_256,
+# batch 1-16) the run needs a few GiB, far below half of any training GPU's memory.
+DEFAULT_DEVICE_SHARE = 0.5
+
+SOURCE_POLICIES: tuple[str, ...] = ("auto", "device", "stream")
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Free bytes on ``device``, or None for "unknown" (no limit is then applied).
+
+    CUDA: ``torch.cuda.mem_get_info`` (what the driver has free; the caching allocator's reserve counts as
+    used). CPU: the available physical pages from ``os.sysconf`` (``SC_AVPHYS_PAGES``: free RAM without
+    the reclaimable page cache, so it errs low); None where the platform has no such counter (macOS).
+    Other device types: None.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        pages, page_size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
+
+
+def _percent(part: float, whole: float) -> str:
+    share = part / whole
+    return f"{share:.0%}" if share >= 0.01 or share == 0 else "<1%"
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 / 10 else f"{size / 2**20:.1f} MiB"
+
+
+# --- choosing the source ---------------------------------------------------------------------------------
+
+
+def plan_batch_source(
+    dataset: AlignedDataset,
+    device: torch.device | str,
+    batch_size: int,
+    *,
+    channels_last: bool = False,
+    seed: int | None = None,
+    policy: str = "auto",
+    max_share: float = DEFAULT_DEVICE_SHARE,
+    workers: int | None = None,
+    drop_last: bool = False,
+) -> tuple[DeviceDataset | StreamingDataset, str]:
+    """The batch source for ``dataset`` on ``device``, and one line saying which and why.
+
+    ``policy``: ``"auto"`` holds the data on the device when its decoded size (from the headers) is at
+    most ``max_share`` of the free memory (:func:`free_memory`) and every sample has the same stored size,
+    else streams it from host memory; ``"device"`` always holds it (a warning in the line when above the
+    share; samples of different sizes raise :class:`StorageMismatchError` naming two files);
+    ``"stream"`` always streams. ``auto`` never fails where the plain trainer's DataLoader works: a device
+    allocation that fails anyway falls back to streaming. ``workers``: decoding threads of the device
+    load, or DataLoader worker processes of the stream. The other arguments go to the source.
+    """
+    if policy not in SOURCE_POLICIES:
+        raise ValueError(f"policy must be one of {SOURCE_POLICIES}, got {policy!r}")
+    if not max_share > 0:
+        raise ValueError(f"max_share must be > 0, got {max_share!r}")
+    device = torch.device(device)
+    kwargs: dict[str, Any] = {"channels_last": channels_last, "seed": seed, "workers": workers}
+    kwargs["drop_last"] = drop_last
+    if policy == "stream":
+        return _streaming(dataset, device, batch_size, kwargs, None, "policy 'stream' (--device_data stream)")
+    count = len(dataset)
+    free = free_memory(device)
+    # Sample 0's size times N is the exact total when the sizes agree (the only case the device can hold);
+    # a total already above the budget is decided without reading every header.
+    rough = count * _stored_bytes(dataset, sample_geometry(dataset, 0))
+    over = free is not None and rough > max_share * free
+    if over and policy == "auto":
+        why = f"~{_gib(rough)} decoded exceeds {max_share:.0%} of the {_gib(free)} free on {device}"
+        return _streaming(dataset, device, batch_size, kwargs, None, f"{why} (--device_data_share)")
+    geometry = survey_dataset(dataset, workers)
+    mismatch = _first_storage_mismatch(geometry)
+    if mismatch is not None:
+        why = _mismatch_reason(dataset, geometry, mismatch)
+        if policy == "device":
+            raise StorageMismatchError(f"--device_data device: {why}; use --device_data auto to stream them")
+        return _streaming(dataset, device, batch_size, kwargs, geometry, why)
+    try:
+        source = DeviceDataset(dataset, device, batch_size, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        if policy != "auto":
+            raise
+        torch.cuda.empty_cache()
+        why = f"allocating {_gib(rough)} on {device} failed ({_gib(free or 0)} were free)"
+        return _streaming(dataset, device, batch_size, kwargs, geometry, why)
+    except StorageMismatchError as err:  # the decoded pixels disagree with what the headers said
+        if policy != "auto":
+            raise
+        return _streaming(dataset, device, batch_size, kwargs, None, f"the decoded samples differ: {err}")
+    return source, _device_reason(count, rough, device, free, max_share, over)
+
+
+def _device_reason(
+    count: int, size: int, device: torch.device, free: int | None, share: float, over: bool
+) -> str:
+    where = f"data: {count} pairs, {_gib(size)} decoded, held on {device}"
+    if free is None:
+        return f"{where} (free memory unknown: no limit applied)"
+    line = f"{where} ({_percent(size, free)} of the {_gib(free)} free)"
+    if over:
+        line += f"; warning: above the {share:.0%} share, kept there by --device_data device"
+    return line
+
+
+def _mismatch_reason(dataset: AlignedDataset, geometry: Sequence[SampleGeometry], index: int) -> str:
+    first, other = geometry[0], geometry[index]
+    mode = dataset.options.preprocess
+    if first.stored_size != other.stored_size:
+
+        def size(g: SampleGeometry) -> str:
+            return f"{g.stored_size[0]}x{g.stored_size[1]}"
+
+        what = "sizes"
+    else:
+
+        def size(g: SampleGeometry) -> str:
+            return f"{8 * g.bytes_per_channel}-bit"
+
+        what = "bit depths"
+    return (
+        f"preprocess {mode!r} leaves samples of different {what} ({dataset.paths[0]} is {size(first)}, "
+        f"{dataset.paths[index]} is {size(other)}), which one device tensor cannot stack"
+    )
+
+
+def _streaming(
+    dataset: AlignedDataset,
+    device: torch.device,
+    batch_size: int,
+    kwargs: Mapping[str, Any],
+    geometry: Sequence[SampleGeometry] | None,
+    why: str,
+) -> tuple[StreamingDataset, str]:
+    from fastpix2pix.streaming_data import StreamingDataset  # it imports this module
+
+    source = StreamingDataset(dataset, device, batch_size, geometry=geometry, **kwargs)
+    shape = "" if source.fixed_shape else "; batch shapes vary, so no CUDA graph"
+    return (
+        source,
+        f"data: {len(dataset)} pairs streamed from host memory ({source.workers} workers): {why}{shape}",
+    )

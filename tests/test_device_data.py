@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastpix2pix import device_data
 from fastpix2pix.data import (
     AlignedDataset,
     AugmentParams,
@@ -29,7 +30,15 @@ from fastpix2pix.data import (
     shared_facades_root,
 )
 from fastpix2pix.data.images import encode_png16
-from fastpix2pix.device_data import DeviceDataset
+from fastpix2pix.device_data import (
+    DeviceDataset,
+    StorageMismatchError,
+    estimate_device_bytes,
+    free_memory,
+    plan_batch_source,
+    sample_geometry,
+)
+from fastpix2pix.streaming_data import StreamingDataset
 
 CUDA_REASON = "CUDA is not available on this machine"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
@@ -441,3 +450,276 @@ def test_next_batch_captures_and_replays_in_a_cuda_graph(synthetic_root):
             assert torch.equal(static_a[k].cpu(), apply(a, cpu)) and torch.equal(
                 static_b[k].cpu(), apply(b, cpu)
             )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact mid-epoch resume: the position and the generator state travel in state_dict
+
+
+def take(data: DeviceDataset, count: int) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` batches: (A, B, indices, tops, lefts, flips), copied (the buffers are rewritten)."""
+    out = []
+    for _ in range(count):
+        a, b = data.next_batch()
+        out.append(tuple(t.clone() for t in (a, b, data.indices, data.tops, data.lefts, data.flips)))
+    return out
+
+
+def assert_same_batches(got: list[tuple[torch.Tensor, ...]], want: list[tuple[torch.Tensor, ...]]) -> None:
+    assert len(got) == len(want)
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert all(torch.equal(x, y) for x, y in zip(g, w, strict=True)), f"batch {k} differs"
+
+
+def test_resume_mid_epoch_continues_with_the_same_crops_and_flips(synthetic_root):
+    dataset = AlignedDataset(synthetic_root, "train", DataOptions(direction="BtoA", seed=4, **SMALL))
+    order = [3, 0, 5, 1, 4, 2]
+    run = DeviceDataset(dataset, "cpu", batch_size=2, workers=1)
+    run.start_epoch(7, order=order)
+    take(run, 1)
+    saved = run.state_dict()
+    uninterrupted = take(run, 2)  # positions 2..5: the rest of the epoch
+    assert isinstance(saved["generator"], torch.Tensor) and saved["generator"].dtype == torch.uint8
+    assert saved["generator"].device.type == "cpu" and saved["position"] == 2
+
+    resumed = DeviceDataset(dataset, "cpu", batch_size=2, workers=1)
+    resumed.start_epoch(7, order=order, start=2)
+    resumed.load_state_dict(saved)
+    assert resumed.batches_per_epoch == 2
+    assert_same_batches(take(resumed, 2), uninterrupted)
+
+    # Without the saved state, start_epoch alone reseeds: the first batches' crops would come back.
+    reseeded = DeviceDataset(dataset, "cpu", batch_size=2, workers=1)
+    reseeded.start_epoch(7, order=order, start=2)
+    replayed = take(reseeded, 2)
+    draws = [(g[3], g[5], w[3], w[5]) for g, w in zip(replayed, uninterrupted, strict=True)]
+    assert not all(torch.equal(t, u) and torch.equal(f, g) for t, f, u, g in draws)
+
+
+def test_resume_state_rules(synthetic_root):
+    dataset = AlignedDataset(synthetic_root, "train", DataOptions(serial_batches=True, **SMALL))
+    data = DeviceDataset(dataset, "cpu", batch_size=4, workers=1)
+    data.start_epoch(2)
+    take(data, 2)  # positions 0..7: the second batch wraps (6 samples)
+    at_end = data.state_dict()
+    assert at_end["position"] == 8
+    data.start_epoch(2, start=6)  # the trainer's count stops at N
+    data.load_state_dict(at_end)
+    assert data.batches_per_epoch == 0
+
+    # A state saved at the end of epoch 2, resumed at the start of epoch 3: the fresh epoch stands.
+    fresh = DeviceDataset(dataset, "cpu", batch_size=4, workers=1)
+    fresh.start_epoch(3)
+    want = take(fresh, 1)
+    fresh.start_epoch(3)
+    fresh.load_state_dict(at_end)
+    assert_same_batches(take(fresh, 1), want)
+
+    early = data.state_dict() | {"position": 2}
+    with pytest.raises(ValueError, match="position 2 of epoch 2, before the start=4"):
+        data.start_epoch(2, start=4)
+        data.load_state_dict(early)
+    with pytest.raises(ValueError, match="from epoch 2, but epoch 1 was started"):
+        data.start_epoch(1)
+        data.load_state_dict(at_end)
+    with pytest.raises(ValueError, match="seed"):
+        data.start_epoch(2, start=6)
+        data.load_state_dict(at_end | {"seed": 99})
+
+
+@pytest.mark.parametrize("done", [0, 1], ids=["at_the_epoch_start", "mid_epoch"])
+def test_state_dict_undoes_warmup_draws(synthetic_root, done):
+    """The capture recipe: state_dict, warm-up batches, load_state_dict: the run sees the same batches,
+    wherever in the epoch the capture happens."""
+    dataset = AlignedDataset(synthetic_root, "train", DataOptions(seed=2, **SMALL))
+    data = DeviceDataset(dataset, "cpu", batch_size=2, workers=1)
+    data.start_epoch(1)
+    want = take(data, done + 2)[done:]
+    data.start_epoch(1)
+    take(data, done)
+    saved = data.state_dict()
+    pointers = (data.generator, data._position.data_ptr())
+    take(data, 2)  # the warm-up (4 samples: not a whole epoch of 6, which would hide a lost position)
+    data.load_state_dict(saved)
+    assert (data.generator, data._position.data_ptr()) == pointers  # in place: a graph keeps its addresses
+    assert_same_batches(take(data, 2), want)
+
+
+def test_batch_source_flags(synthetic_root):
+    data = DeviceDataset(AlignedDataset(synthetic_root, "train", DataOptions(**SMALL)), "cpu", workers=1)
+    assert data.in_graph and data.fixed_shape
+    assert data.generators() == (data.generator,)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The footprint estimate and the choice of source
+
+
+def write_pair(path: Path, size: tuple[int, int], seed: int = 0, bits: int = 8) -> None:
+    """An A|B file whose halves are ``size = (width, height)``, 8-bit RGB or 16-bit RGB PNG."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if bits == 16:
+        halves = rng.integers(0, 65536, (2, height, width, 3), dtype=np.uint16)
+        path.write_bytes(encode_png16(np.concatenate(list(halves), axis=1)))
+        return
+    halves = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+    Image.fromarray(np.concatenate(list(halves), axis=1)).save(path)
+
+
+@pytest.fixture(scope="module")
+def mixed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Halves of 32x32, 40x40 and 32x48 (WxH): square ones of two sizes, and one of another aspect."""
+    root = tmp_path_factory.mktemp("mixed")
+    for k, size in enumerate([(32, 32), (40, 40), (32, 48)]):
+        write_pair(root / "train" / f"{k}.png", size, seed=k)
+    return root
+
+
+ESTIMATE_OPTIONS = {
+    "resize_and_crop": DataOptions(**SMALL),
+    "crop": DataOptions(preprocess="crop", crop_size=24),
+    "scale_width": DataOptions(preprocess="scale_width", load_size=24, crop_size=16),
+    "scale_width_and_crop": DataOptions(preprocess="scale_width_and_crop", load_size=40, crop_size=24),
+    "none": DataOptions(preprocess="none"),
+    "gray_both": DataOptions(input_nc=1, output_nc=1, **SMALL),
+}
+
+
+@pytest.mark.parametrize("options", ESTIMATE_OPTIONS.values(), ids=ESTIMATE_OPTIONS.keys())
+def test_estimate_matches_the_stored_bytes(synthetic_root, options):
+    dataset = AlignedDataset(synthetic_root, "train", options)
+    estimate = estimate_device_bytes(dataset, workers=1)
+    assert estimate == DeviceDataset(dataset, "cpu", workers=1).stored.words.nbytes
+
+
+@pytest.mark.parametrize("preprocess", ["none", "resize_and_crop"])
+def test_estimate_reads_16bit_depth_from_the_header(tmp_path, preprocess):
+    for k in range(2):
+        write_pair(tmp_path / "train" / f"{k}.png", (20, 20), seed=k, bits=16)
+    dataset = AlignedDataset(
+        tmp_path, "train", DataOptions(preprocess=preprocess, load_size=24, crop_size=16)
+    )
+    assert sample_geometry(dataset, 0).bytes_per_channel == 2
+    data = DeviceDataset(dataset, "cpu", workers=1)
+    assert (
+        estimate_device_bytes(dataset)
+        == data.stored.words.nbytes
+        == 2 * 20 * 20 * 16 * (1 if preprocess == "none" else 24 * 24 / 400)
+    )
+
+
+def test_estimate_is_none_for_sizes_one_tensor_cannot_hold(mixed_root, tmp_path):
+    options = {"preprocess": "none"}
+    assert estimate_device_bytes(AlignedDataset(mixed_root, "train", DataOptions(**options))) is None
+    # resize_and_crop stores load_size x load_size whatever the sources.
+    dataset = AlignedDataset(mixed_root, "train", DataOptions(**SMALL))
+    assert estimate_device_bytes(dataset) == 3 * 40 * 40 * 8
+    # Equal sizes, different bit depths.
+    write_pair(tmp_path / "train" / "0.png", (16, 16), bits=8)
+    write_pair(tmp_path / "train" / "1.png", (16, 16), bits=16)
+    assert estimate_device_bytes(AlignedDataset(tmp_path, "train", DataOptions(preprocess="none"))) is None
+
+
+def test_planner_holds_a_small_dataset_on_the_device(synthetic_root):
+    dataset = AlignedDataset(synthetic_root, "train", DataOptions(**SMALL))
+    source, why = plan_batch_source(dataset, "cpu", 2, channels_last=True, seed=0, workers=1)
+    assert isinstance(source, DeviceDataset) and source.A.is_contiguous(memory_format=torch.channels_last)
+    assert why.startswith("data: 6 pairs, 0.1 MiB decoded, held on cpu (<1% of the "), why
+
+
+def test_planner_streams_above_the_share_of_free_memory(synthetic_root, monkeypatch):
+    dataset = AlignedDataset(synthetic_root, "train", DataOptions(**SMALL))
+    size = 6 * 40 * 40 * 8
+    monkeypatch.setattr(device_data, "free_memory", lambda device: 4 * size)
+    source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=0, max_share=0.2)
+    assert isinstance(source, StreamingDataset) and source.fixed_shape and not source.in_graph
+    assert "streamed from host memory" in why and "exceeds 20% of the" in why, why
+    # Within the share: held.
+    source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=1, max_share=0.25)
+    assert isinstance(source, DeviceDataset) and "held on cpu (25% of the" in why, why
+    # "device" overrides the share, with a warning in the line.
+    source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=1, policy="device", max_share=0.2)
+    assert isinstance(source, DeviceDataset) and "warning: above the 20% share" in why, why
+    # Unknown free memory: no limit.
+    monkeypatch.setattr(device_data, "free_memory", lambda device: None)
+    source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=1, max_share=0.2)
+    assert isinstance(source, DeviceDataset) and "free memory unknown" in why
+    # "stream" always streams.
+    source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=0, policy="stream")
+    assert isinstance(source, StreamingDataset) and "policy 'stream'" in why
+
+
+@pytest.mark.parametrize(
+    ("options", "second"),
+    [
+        (DataOptions(preprocess="none"), "1.png is 40x40"),
+        (DataOptions(preprocess="scale_width", load_size=32, crop_size=16), "2.png is 32x48"),
+    ],
+    ids=["none", "scale_width"],
+)
+def test_planner_streams_mixed_sizes_and_device_policy_names_them(mixed_root, options, second):
+    dataset = AlignedDataset(mixed_root, "train", options, allow_nonsquare=True)
+    source, why = plan_batch_source(dataset, "cpu", 1, seed=0, workers=0)
+    assert isinstance(source, StreamingDataset) and not source.fixed_shape
+    assert "different sizes" in why and "no CUDA graph" in why, why
+    assert "0.png is 32x32, " in why and second in why, why
+    with pytest.raises(StorageMismatchError, match=rf"0\.png is 32x32, .*{second}"):
+        plan_batch_source(dataset, "cpu", 1, seed=0, workers=0, policy="device")
+
+
+def test_planner_falls_back_to_streaming_when_the_allocation_fails(synthetic_root, monkeypatch):
+    dataset = AlignedDataset(synthetic_root, "train", DataOptions(**SMALL))
+
+    def out_of_memory(*args: object, **kwargs: object) -> DeviceDataset:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(device_data, "DeviceDataset", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=0)
+    assert isinstance(source, StreamingDataset) and "failed" in why
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        plan_batch_source(dataset, "cpu", 2, seed=0, workers=0, policy="device")
+
+
+def test_free_memory_on_cpu_is_the_available_pages_or_unknown():
+    free = free_memory("cpu")
+    assert free is None or free > 0
+    with pytest.raises(ValueError, match="policy"):
+        plan_batch_source(None, "cpu", 1, policy="gpu")  # type: ignore[arg-type]
+
+
+@needs_cuda
+def test_state_taken_between_graph_replays_resumes_exactly(synthetic_root):
+    """A CUDA generator registered with a graph: replays advance its offset on the host, so state_dict
+    between replays is current, and an eager run resumed from it draws what the replays draw next."""
+    dataset = AlignedDataset(synthetic_root, "train", DataOptions(seed=9, **SMALL))
+    data = DeviceDataset(dataset, "cuda", batch_size=4, channels_last=True)
+    data.start_epoch(2)
+    before_warmup = data.state_dict()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            data.next_batch()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for generator in data.generators():
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        data.next_batch()
+    data.load_state_dict(before_warmup)  # undo the warm-up: position and generator, in place
+    graph.replay()
+    saved = data.state_dict()
+    assert saved["position"] == 4 and saved["generator"].device.type == "cpu"
+    replayed = []
+    for _ in range(2):
+        graph.replay()
+        outputs = (data.A, data.B, data.indices, data.tops, data.lefts, data.flips)
+        replayed.append(tuple(t.clone() for t in outputs))
+
+    resumed = DeviceDataset(dataset, "cuda", batch_size=4, channels_last=True)
+    resumed.start_epoch(2, start=4)
+    resumed.load_state_dict(saved)
+    assert_same_batches(take(resumed, 2), replayed)
