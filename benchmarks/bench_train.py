@@ -316,6 +316,7 @@ def main() -> None:
     parser.add_argument("--dataroot", default="datasets/facades")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON (default: %(default)s)")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.warmup, args.iters = [1], 2, 10
@@ -330,9 +331,9 @@ def main() -> None:
     else:
         report["results"] = measure(args, device)
         print(table(report["results"]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"train_{device.type}_{datetime.date.today().isoformat()}"
-    path = RESULTS / f"{stem}{'_ttt' if args.time_to_train else ''}.json"
+    path = args.out / f"{stem}{'_ttt' if args.time_to_train else ''}.json"
     path.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {path}")
     if args.plot and "results" in report:

@@ -9,6 +9,14 @@ under the final name.
 
 Beside them, ``<label>_net_G.pth`` / ``<label>_net_D.pth`` hold the bare networks with the official
 key names, loadable by the official pix2pix code and by ``--load_official``.
+
+A save writes a *set* of files (:func:`save_checkpoint_set`): every label's network files first, then the
+full checkpoints, ``latest.pt`` last. ``latest.pt`` is the commit point: a process killed during a save
+leaves ``latest.pt`` at the previous save, and at most the network files (or ``epoch_N.pt``) of the
+interrupted one newer than it. The full checkpoint is the reference: ``--continue_train`` rewrites the
+network files of the label it resumes from out of it, and training redoes the interrupted save. A kill
+inside a write leaves a temporary ``.<name>.<random>.tmp`` (as large as the file: ~0.7 GB for unet_256);
+:func:`remove_stale_temporaries` deletes those of a run folder when a trainer starts there.
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,8 +60,11 @@ __all__ = [
     "load_checkpoint",
     "package_version",
     "plain_network_path",
+    "remove_stale_temporaries",
     "restore_rng_state",
     "save_checkpoint",
+    "save_checkpoint_set",
+    "stale_temporaries",
 ]
 
 
@@ -113,14 +125,23 @@ def _fsync_directory(folder: Path) -> None:
         os.close(fd)
 
 
+# The temporary of ``atomic_write(folder/name)``: ``folder/.<name>.<8 characters of mkstemp>.tmp``.
+_TEMP_SUFFIX = ".tmp"
+# The files a training save writes in a run folder: latest.pt, epoch_N.pt, <label>_net_G/D.pth.
+_SAVED_NAME = r"(?:latest|epoch_\d+)\.pt|(?:latest|\d+)_net_[GD]\.pth"
+# mkstemp's random part: 8 of tempfile._RandomNameSequence's "abcdefghijklmnopqrstuvwxyz0123456789_".
+_STALE_TEMPORARY = re.compile(rf"\.(?:{_SAVED_NAME})\.[a-z0-9_]{{8}}{re.escape(_TEMP_SUFFIX)}")
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through ``write(file)`` so that ``path`` is either the old file or the complete new one.
 
-    The temp file lives in the same folder (``os.replace`` is atomic only within one file system).
+    The temp file lives in the same folder (``os.replace`` is atomic only within one file system). An
+    exception removes it; a killed process leaves it (see :func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     temp = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as file:
@@ -134,6 +155,31 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """The temporaries that :func:`atomic_write` left in ``folder`` for the files of a training save
+    (``latest.pt``, ``epoch_N.pt``, ``<label>_net_G/D.pth``); no other file, whatever its name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _STALE_TEMPORARY.fullmatch(p.name) and p.is_file())
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
+    """Delete :func:`stale_temporaries` of ``folder``; returns them and the bytes freed.
+
+    Only safe when no save is running into ``folder``: a trainer calls it as it starts (one trainer per
+    run folder), before its first save.
+    """
+    removed, freed = [], 0
+    for path in stale_temporaries(folder):
+        with contextlib.suppress(FileNotFoundError):
+            size = path.stat().st_size
+            path.unlink()
+            removed.append(path)
+            freed += size
+    return removed, freed
 
 
 def _torch_save(obj: Any, path: Path) -> Path:
@@ -257,3 +303,22 @@ def export_official_networks(
         )
         written.append(_torch_save(official, plain_network_path(folder, label, key)))
     return written
+
+
+def save_checkpoint_set(
+    folder: str | os.PathLike[str],
+    labels: Iterable[str | int],
+    state: Mapping[str, Any],
+    networks: Mapping[str, tuple[nn.Module, str]],
+    *,
+    n_layers_D: int = 3,
+    use_dropout: bool = False,
+) -> None:
+    """One save: for each label, the network files (:func:`export_official_networks`) and the full
+    checkpoint ``state``, in the order that keeps the set consistent across a kill (see the module
+    docstring): all network files, then the full checkpoints, ``latest.pt`` last."""
+    ordered = sorted(labels, key=lambda label: str(label) == "latest")  # stable: "latest" goes last
+    for label in ordered:
+        export_official_networks(folder, label, networks, n_layers_D=n_layers_D, use_dropout=use_dropout)
+    for label in ordered:
+        save_checkpoint(state, checkpoint_path(folder, label))

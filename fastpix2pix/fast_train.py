@@ -3,7 +3,9 @@
 :class:`FastTrainer` is :class:`fastpix2pix.train.Trainer` (same options, checkpoints, logs, exact resume)
 with a different inner loop. One iteration is :class:`FastStep`:
 
-1. ``DeviceDataset.next_batch()`` writes the next augmented batch into static device buffers;
+1. the batch source (:func:`fastpix2pix.device_data.plan_batch_source`: the dataset held on the device, or
+   streamed from host memory when it does not fit or its images differ in size) writes the next augmented
+   batch into static device buffers;
 2. :func:`fastpix2pix.train.train_step` itself, unchanged (three D forwards, separate BN batches for real
    and fake, dropout live, running statistics updated, D loss x 0.5, D frozen in the G step), under
    ``torch.autocast`` when ``bf16`` (ConvBlock casts activations and conv weights; BN parameters,
@@ -14,27 +16,34 @@ with a different inner loop. One iteration is :class:`FastStep`:
 ``train_step`` is graph-capturable as it is: its only Python conditionals depend on options and
 ``requires_grad`` flags, never on tensor values, and at fixed shapes it allocates the same tensors at every
 call. With ``cuda_graph`` the step is warmed up on a side stream, captured once into one CUDA graph and
-replayed; the warm-up's effects on weights, BN statistics and Adam state are undone in place (the graph
-holds their addresses), so the run trains on exactly the iterations it counts. Gradients are set to None
-by ``train_step`` before each backward, so during capture they are allocated from the graph's private pool
-and stay at the same addresses for every replay (the "whole network capture" recipe of the CUDA graphs
-documentation). The learning rate is a device tensor (Adam fused/capturable read it at each step); the
-epoch schedulers fill it outside the graph.
+replayed; the warm-up's effects are undone in place (weights, BN statistics, Adam state: the graph holds
+their addresses; the dropout generator, the batch source's position and generator), so that the run trains
+on exactly the iterations it counts and draws the random numbers an eager run would (checked on the CPU,
+where :class:`EagerGraphRuntime` stands in for the CUDA calls; not yet run on a GPU). Gradients are
+set to None by ``train_step`` before each backward, so during capture they are allocated from the graph's
+private pool and stay at the same addresses for every replay (the "whole network capture" recipe of the
+CUDA graphs documentation). The learning rate is a device tensor (Adam fused/capturable read it at each
+step); the epoch schedulers fill it outside the graph. A source that cannot run inside a graph (the
+streaming one: the host waits for its workers) fetches eagerly before each replay into the buffers the
+graph reads; one whose batches change shape runs without a graph.
 
 Losses reach the host only every ``loss_readback_every`` iterations (one sync, for the log and the
 NaN/inf check), at saves and at epoch ends. The iteration loop itself never synchronises.
 
-Checkpoints have exactly the format of :class:`Trainer`: optimizer and scheduler states are converted to
-the plain trainer's settings (float learning rates, CPU step counters, no fused/capturable flags) when
-saved, and back when loaded, so a fast run can be continued by the normal trainer and vice versa.
+Checkpoints have exactly the format of :class:`Trainer`, plus the batch source's state (``data_source``:
+its position and augmentation generator, for an exact mid-epoch resume; optional when loading): optimizer
+and scheduler states are converted to the plain trainer's settings (float learning rates, CPU step
+counters, no fused/capturable flags) when saved, and back when loaded (the Adam moments in each
+parameter's memory format, as fused Adam requires), so a fast run can be continued by the normal trainer
+and vice versa.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -54,11 +63,18 @@ from fastpix2pix.train import (
     train_step,
 )
 
+if TYPE_CHECKING:
+    from fastpix2pix.device_data import BatchSource
+
 __all__ = [
+    "CudaGraphRuntime",
+    "EagerGraphRuntime",
     "FastPathConfig",
     "FastStep",
     "FastTrainer",
+    "GraphRuntime",
     "build_fast_optimizers",
+    "default_generator",
     "load_portable_optimizer_state",
     "portable_optimizer_state",
     "portable_scheduler_state",
@@ -76,7 +92,8 @@ class FastPathConfig:
     no bf16 and foreach instead of fused Adam.
 
     ``loss_readback_every`` is in iterations; 0 means ``max(1, print_freq // batch_size)``, the plain
-    trainer's logging period.
+    trainer's logging period. ``verify_graph``: after capture, compare one replay with an eager iteration
+    (:func:`fastpix2pix.selfcheck.verify_captured_step`) and train eagerly if they disagree.
     """
 
     bf16: bool
@@ -85,6 +102,7 @@ class FastPathConfig:
     cuda_graph: bool
     device_data: bool
     loss_readback_every: int = 0
+    verify_graph: bool = True
 
     @classmethod
     def for_device(cls, device: torch.device | str, **changes: Any) -> FastPathConfig:
@@ -179,7 +197,9 @@ def load_portable_optimizer_state(optimizer: torch.optim.Optimizer, state: Mappi
     """Load a (plain or fast) Adam state_dict and keep this optimizer's own implementation settings.
 
     ``Optimizer.load_state_dict`` replaces every group option with the saved one, flags included, so they
-    are put back; the lr tensors keep their identity (a captured graph reads their address).
+    are put back; the lr tensors keep their identity (a captured graph reads their address). It also keeps
+    the saved tensors' strides, so moments saved from NCHW weights would stay NCHW next to channels_last
+    weights, which CUDA fused Adam refuses: every per-parameter tensor is given its parameter's layout.
     """
     flags = [{k: g[k] for k in _PLAIN_ADAM_FLAGS} for g in optimizer.param_groups]
     lr_tensors = [g["lr"] if isinstance(g["lr"], torch.Tensor) else None for g in optimizer.param_groups]
@@ -189,25 +209,161 @@ def load_portable_optimizer_state(optimizer: torch.optim.Optimizer, state: Mappi
         value = float(group["lr"])
         if lr is not None:
             group["lr"] = lr.fill_(value)
-        if group["fused"] or group["capturable"]:
-            # These implementations keep the step counter on the parameters' device.
-            for param in group["params"]:
-                per_param = optimizer.state.get(param, {})
-                if "step" in per_param:
-                    per_param["step"] = per_param["step"].to(param.device, torch.float32)
+        on_device_step = group["fused"] or group["capturable"]
+        for param in group["params"]:
+            per_param = optimizer.state.get(param, {})
+            for key, tensor in per_param.items():
+                if key == "step":
+                    if on_device_step:  # these implementations keep the counter on the parameters' device
+                        per_param[key] = tensor.to(param.device, torch.float32)
+                elif isinstance(tensor, torch.Tensor) and tensor.shape == param.shape:
+                    per_param[key] = _in_layout_of(tensor, param)
+
+
+def _in_layout_of(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values with ``param``'s strides, device and dtype (``tensor`` itself if it has them)."""
+    if tensor.stride() == param.stride() and tensor.device == param.device and tensor.dtype == param.dtype:
+        return tensor
+    return torch.empty_like(param, requires_grad=False).copy_(tensor.detach())
+
+
+# --- capturing a graph: the CUDA calls, and a CPU stand-in for tests --------------------------------------
+
+
+class ReplayableGraph(Protocol):
+    def replay(self) -> None: ...
+
+
+class GraphRuntime(Protocol):
+    """The device calls of :meth:`FastStep.capture`, apart from its bookkeeping (which is device-generic)."""
+
+    def side_stream(self) -> contextlib.AbstractContextManager[None]:
+        """Where the warm-up runs (a side stream on CUDA, as graph capture requires)."""
+        ...
+
+    def capture(self, body: Callable[[], None], generators: Sequence[torch.Generator]) -> ReplayableGraph:
+        """Capture ``body`` (registering ``generators``, whose offsets then advance at each replay)."""
+        ...
+
+    def default_generator(self) -> torch.Generator:
+        """The generator dropout draws from."""
+        ...
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """torch's default generator of ``device`` (the one dropout draws from there)."""
+    if device.type != "cuda":
+        return torch.default_generator
+    torch.cuda.init()  # fills torch.cuda.default_generators
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.default_generators[index]
+
+
+class CudaGraphRuntime:
+    """:class:`GraphRuntime` on a CUDA device."""
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"FastStep.capture needs CUDA, got {device}")
+        self.device = device
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                yield
+            torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, body: Callable[[], None], generators: Sequence[torch.Generator]) -> ReplayableGraph:
+        graph = torch.cuda.CUDAGraph()
+        for generator in generators:
+            graph.register_generator_state(generator)
+        # thread_local: the default ("global") lets a CUDA call from any other thread invalidate the capture,
+        # e.g. the streaming source's DataLoader pin-memory thread allocating pinned memory meanwhile.
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            body()
+        return graph
+
+    def default_generator(self) -> torch.Generator:
+        return default_generator(self.device)
+
+
+class _EagerReplay:
+    def __init__(self, body: Callable[[], None]) -> None:
+        self.body = body
+
+    def replay(self) -> None:
+        self.body()
+
+
+class EagerGraphRuntime:
+    """A CPU stand-in for :class:`CudaGraphRuntime`, so that the capture logic is tested without a GPU: as
+    a CUDA capture, ``capture`` runs no computation; ``replay`` runs the captured body eagerly, which is what
+    a correct replay computes (CUDA graphs replay the same kernels on the same buffers)."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def side_stream(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def capture(self, body: Callable[[], None], generators: Sequence[torch.Generator]) -> ReplayableGraph:
+        return _EagerReplay(body)
+
+    def default_generator(self) -> torch.Generator:
+        return default_generator(self.device)
 
 
 # --- one iteration -------------------------------------------------------------------------------------
 
 
+class _BatchFunction:
+    """A function that writes the next batch into static buffers and returns them, as a batch source that
+    may run inside the graph and has no state of its own to save (benchmarks, tests)."""
+
+    in_graph = True
+    fixed_shape = True
+
+    def __init__(self, next_batch: Callable[[], Batch]) -> None:
+        self._next_batch = next_batch
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+
+    def next_batch(self) -> Batch:
+        self.A, self.B = self._next_batch()
+        return self.A, self.B
+
+    def generators(self) -> tuple[torch.Generator, ...]:
+        return ()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+def _as_source(source: BatchSource | Callable[[], Batch]) -> BatchSource:
+    if hasattr(source, "next_batch"):
+        return source  # type: ignore[return-value]
+    return _BatchFunction(source)  # type: ignore[arg-type,return-value]
+
+
 class FastStep:
-    """``next_batch`` + :func:`train_step` + the loss record, run eagerly or as one captured CUDA graph.
+    """The next batch + :func:`train_step` + the loss record, run eagerly or as one captured CUDA graph.
 
     Args:
         nets, optimizers, objective: as for :func:`train_step` (the networks in train mode).
-        next_batch: writes the next batch into static buffers and returns them (``DeviceDataset.next_batch``).
+        source: the batch source (:class:`fastpix2pix.device_data.BatchSource`), or a function that writes
+            the next batch into static buffers and returns them (it runs inside the graph).
         bf16: run the forward passes under ``torch.autocast(device, bfloat16)``.
         loss_rows: rows of the device loss buffer; :meth:`take_losses` must run at least this often.
+
+    A source with ``in_graph`` makes its batch inside :meth:`iteration` (and so inside the graph); any other
+    makes it in :meth:`prepare_batch`, eagerly, before each iteration or replay, into ``source.A`` and
+    ``source.B``, which :meth:`iteration` reads.
     """
 
     def __init__(
@@ -215,19 +371,22 @@ class FastStep:
         nets: Networks,
         optimizers: Optimizers,
         objective: Objective,
-        next_batch: Callable[[], Batch],
+        source: BatchSource | Callable[[], Batch],
         *,
         bf16: bool,
         loss_rows: int,
     ) -> None:
+        if loss_rows < 1:
+            raise ValueError(f"loss_rows must be >= 1, got {loss_rows}")
         self.nets, self.optimizers, self.objective = nets, optimizers, objective
-        self.next_batch = next_batch
+        self.source = _as_source(source)
         self.bf16 = bf16
         self.device = next(nets.G.parameters()).device
         self.losses = torch.zeros((loss_rows, len(LOSS_NAMES)), device=self.device)
         self.slot = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.pending = 0  # iterations whose losses are in ``losses`` and not yet taken (host count)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: ReplayableGraph | None = None
+        self._graph_inputs: Batch | None = None  # the buffers a graph reads when the batch is made eagerly
         self.fake_B: torch.Tensor | None = None  # the last iteration's generator output (static if graphed)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -236,9 +395,20 @@ class FastStep:
         # No cast cache: cached casts would outlive a capture (torch.cuda.graphs docs, "Usage with AMP").
         return torch.autocast(self.device.type, torch.bfloat16, cache_enabled=False)
 
+    def prepare_batch(self) -> None:
+        """Make the next batch now, outside any graph, if the source cannot run inside one."""
+        if not self.source.in_graph:
+            self.source.next_batch()
+
+    def _batch(self) -> Batch:
+        if self.source.in_graph:
+            return self.source.next_batch()
+        return self.source.A, self.source.B
+
     def iteration(self) -> None:
-        """One iteration, eagerly (also what is captured)."""
-        real_A, real_B = self.next_batch()
+        """One iteration, eagerly (also what is captured), on the batch :meth:`prepare_batch` made if the
+        source makes it eagerly."""
+        real_A, real_B = self._batch()
         visuals: dict[str, torch.Tensor] = {}
         with self._autocast():
             losses = train_step(
@@ -253,44 +423,71 @@ class FastStep:
     def __call__(self) -> None:
         if self.pending >= self.losses.shape[0]:
             raise RuntimeError("FastStep: the loss buffer is full; call take_losses() first")
+        self.prepare_batch()
         if self.graph is not None:
+            self._check_graph_inputs()
             self.graph.replay()
         else:
             self.iteration()
         self.pending += 1
 
+    def _check_graph_inputs(self) -> None:
+        """A graph reads the buffers it was captured with: a source that replaced them would train the
+        graph on a stale batch without any error."""
+        if self._graph_inputs is not None and (
+            self.source.A is not self._graph_inputs[0] or self.source.B is not self._graph_inputs[1]
+        ):
+            raise RuntimeError(
+                "FastStep: the batch source replaced its A/B buffers after capture; the graph reads the old "
+                "ones (a source with fixed_shape must write its batches in place)"
+            )
+
+    def reset_losses(self) -> None:
+        """Empty the loss buffer (what :meth:`take_losses` does, without reading it)."""
+        self.slot.zero_()
+        self.pending = 0
+
     def take_losses(self) -> torch.Tensor:
         """The pending losses ``[n, len(LOSS_NAMES)]`` (a device copy, no sync) and an empty buffer."""
         rows = self.losses[: self.pending].clone()
-        self.slot.zero_()
-        self.pending = 0
+        self.reset_losses()
         return rows
 
-    def capture(self, generators: Iterable[torch.Generator] = (), warmup: int = 3) -> None:
-        """Warm up on a side stream, undo the warm-up's training, capture one iteration into a graph.
+    def capture(self, warmup: int = 3, *, runtime: GraphRuntime | None = None) -> None:
+        """Warm up on a side stream, capture one iteration into a graph, then undo the warm-up.
 
-        ``generators`` (besides the default CUDA generator, which is always graph-safe) are registered
-        with the graph: their seed and offset advance at every replay, as in eager mode.
+        Undone in place (the graph holds the addresses): the weights, BN statistics and Adam state, the
+        dropout generator's state, the source's position and random state (its generators, registered
+        with the graph when the batch is made inside it, then advance at every replay as in eager mode).
+        So the first replay draws and trains exactly what the first eager iteration would have.
+        ``runtime``: the device calls (default :class:`CudaGraphRuntime`; :class:`EagerGraphRuntime` on CPU).
         """
-        if self.device.type != "cuda":
-            raise ValueError("FastStep.capture needs CUDA")
+        runtime = CudaGraphRuntime(self.device) if runtime is None else runtime
         saved = self._snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):  # cuDNN autotuning, lazy Adam state and workspace allocation
-                self.iteration()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        for generator in generators:
-            graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
-            self.iteration()
-        # Capture runs no kernel; only the warm-up trained. Undo it in place: the graph holds the addresses.
+        dropout = runtime.default_generator()
+        dropout_state = dropout.get_state()
+        source_state = self.source.state_dict()
+        with runtime.side_stream():
+            self._warm_up(warmup)
+        in_graph = self.source.in_graph
+        self._graph_inputs = None if in_graph else (self.source.A, self.source.B)
+        graph = runtime.capture(self.iteration, self.source.generators() if in_graph else ())
+        # Capture runs no kernel; only the warm-up trained and drew random numbers.
         self._restore(saved)
-        self.slot.zero_()
-        self.pending = 0
+        dropout.set_state(dropout_state)
+        self.source.load_state_dict(source_state)
+        self.reset_losses()
         self.graph = graph
+
+    def _warm_up(self, iterations: int) -> None:
+        """cuDNN autotuning, lazy Adam state and workspace allocation; also makes the batch an eagerly fed
+        graph is captured on. Each iteration writes loss row 0: the buffer may have a single row."""
+        self.prepare_batch()
+        for i in range(iterations):
+            if i:
+                self.prepare_batch()
+            self.slot.zero_()
+            self.iteration()
 
     # --- warm-up undo ---
 
@@ -322,13 +519,15 @@ class FastStep:
 
 
 class FastTrainer(Trainer):
-    """:class:`Trainer` with the fast inner loop (:class:`FastStep`) on a :class:`DeviceDataset`.
+    """:class:`Trainer` with the fast inner loop (:class:`FastStep`) on a batch source chosen by
+    :func:`fastpix2pix.device_data.plan_batch_source` (``--device_data``, ``--device_data_share``).
 
     Differences from the plain trainer, all in the data path and the logging period, none in the update:
-    the crops and flips come from the device generator (same distribution, another random stream; the
-    sample order is the plain trainer's :class:`EpochSampler` order), an epoch's last incomplete batch is
-    topped up with the epoch's first samples (fixed shapes), and losses are logged every
-    ``loss_readback_every`` iterations.
+    with the dataset on the device the crops and flips come from the device generator (same distribution,
+    another random stream; the sample order is the plain trainer's :class:`EpochSampler` order); an epoch's
+    last incomplete batch is topped up with the epoch's first samples (fixed shapes; only the new samples
+    are counted, so logging, display and save points fall where the plain trainer's do); losses are logged
+    every ``loss_readback_every`` iterations.
     """
 
     def __init__(
@@ -347,17 +546,24 @@ class FastTrainer(Trainer):
                 "`fastpix2pix train` uses the plain DDP trainer there (see README, multiple GPUs)"
             )
         device = resolve_device(opt.device)
-        self.config = config or FastPathConfig.for_device(device)
+        config = config or FastPathConfig.for_device(device)
+        if opt.no_self_check:
+            config = replace(config, verify_graph=False)
+        self.config = config
         self.config.check(device)
         if not self.config.device_data:
             raise NotImplementedError("FastTrainer needs device_data=True (the DataLoader path is Trainer's)")
         self.step: FastStep | None = None
+        # The device calls of a capture; None: CUDA. Tests put an EagerGraphRuntime here to run the
+        # capture path on the CPU (with config.cuda_graph switched on after construction).
+        self.graph_runtime: GraphRuntime | None = None
+        self._resumed_data: Mapping[str, Any] | None = None  # the checkpoint's batch-source state
         super().__init__(opt, progress_bar=progress_bar, stream=stream)
 
     # --- setup (called by Trainer.__init__) ---
 
     def _build(self) -> None:
-        from fastpix2pix.device_data import DeviceDataset
+        from fastpix2pix.device_data import plan_batch_source
 
         super()._build()
         opt, config = self.opt, self.config
@@ -369,11 +575,20 @@ class FastTrainer(Trainer):
         for optimizer in self.optimizers:
             if _uses_device_lr(optimizer):
                 use_device_lr(optimizer)
-        self.data = DeviceDataset(
-            self.dataset, self.device, opt.batch_size, channels_last=config.channels_last, seed=opt.seed
-        )
+        self.data, reason = plan_batch_source(
+            self.dataset, self.device, opt.batch_size, channels_last=config.channels_last, seed=opt.seed,
+            policy=opt.device_data, max_share=opt.device_data_share, workers=opt.num_threads,
+        )  # fmt: skip
+        self.say(reason)
         self.readback_every = config.loss_readback_every or max(1, opt.print_freq // opt.batch_size)
         self.window = LossWindow()
+
+    def close(self) -> None:
+        """Also stop the streaming source's worker processes."""
+        close_data = getattr(getattr(self, "data", None), "close", None)
+        if close_data is not None:
+            close_data()
+        super().close()
 
     # --- checkpoints in the plain trainer's format ---
 
@@ -383,6 +598,9 @@ class FastTrainer(Trainer):
             state[key] = portable_optimizer_state(state[key])
         for key in ("scheduler_G", "scheduler_D"):
             state[key] = portable_scheduler_state(state[key])
+        # The source's position and augmentation generator: reseeding from (seed, epoch) alone would replay
+        # the epoch's first crops and flips after a mid-epoch resume. The plain trainer ignores the key.
+        state["data_source"] = self.data.state_dict()
         return state
 
     def _restore(self, resumed: dict[str, Any]) -> None:
@@ -397,6 +615,21 @@ class FastTrainer(Trainer):
         for optimizer in optimizers:  # the scheduler's load may have put a float lr back
             if _uses_device_lr(optimizer):
                 use_device_lr(optimizer)
+        # Applied once the epoch is started (the source's load_state_dict needs its epoch and position).
+        self._resumed_data = resumed.get("data_source")
+
+    def _resume_data_position(self) -> None:
+        """Put the source's position and random state back to the checkpoint's, the first time an epoch
+        starts after a resume. Older checkpoints and the plain trainer's have none: the rest of the epoch
+        then draws new crops and flips (the same samples, in the same order)."""
+        saved, self._resumed_data = self._resumed_data, None
+        if saved is not None:
+            self.data.load_state_dict(saved)  # ignores a state of an earlier, finished epoch
+        elif self.state.epoch_iter:
+            self.say(
+                "the checkpoint holds no batch-source state (plain trainer or older version): the rest of "
+                "this epoch has the same samples but new crops and flips"
+            )
 
     # --- the loop ---
 
@@ -406,13 +639,37 @@ class FastTrainer(Trainer):
             self.nets.G.train()
             self.nets.D.train()
             step = FastStep(
-                self.nets, self.optimizers, self.objective, self.data.next_batch,
+                self.nets, self.optimizers, self.objective, self.data,
                 bf16=self.config.bf16, loss_rows=self.readback_every,
             )  # fmt: skip
-            if self.config.cuda_graph:
-                step.capture(generators=(self.data.generator,))
+            if self.config.cuda_graph and not self.data.fixed_shape:
+                self.say("the batches change shape (images of several sizes): training without a CUDA graph")
+            elif self.config.cuda_graph:
+                self._check_kernels()
+                step.capture(runtime=self.graph_runtime)
+                self._verify_graph(step)
             self.step = step
         return self.step
+
+    def _check_kernels(self) -> None:
+        """Run the start-up kernel check now, eagerly, if it is due: a capture cannot run it (it
+        synchronises), and its verdict decides which ops the graph records."""
+        if self.opt.backend == "fused":
+            from fastpix2pix.selfcheck import fused_kernels_usable
+
+            fused_kernels_usable(self.device)
+
+    def _verify_graph(self, step: FastStep) -> None:
+        """The start-up graph check (:func:`fastpix2pix.selfcheck.verify_captured_step`): on a mismatch,
+        train eagerly (still bf16, channels_last, fused Adam) rather than on a wrong graph."""
+        from fastpix2pix.selfcheck import self_check_enabled, verify_captured_step
+
+        if not (self.config.verify_graph and self_check_enabled()):
+            return
+        problem = _graph_problem(verify_captured_step(step))
+        if problem is not None:
+            self.say(f"CUDA graph check failed ({problem}); training eagerly")
+            step.graph = None
 
     def _log_window(self) -> dict[str, float] | None:
         self._flush_losses()
@@ -434,13 +691,16 @@ class FastTrainer(Trainer):
         self.nets.G.train()
         self.nets.D.train()
         data.start_epoch(state.epoch, order=self.sampler.order(state.epoch), start=state.epoch_iter)
+        self._resume_data_position()
         for _ in range(data.batches_per_epoch):
             step()
             state.iteration += 1
             before = state.images
-            state.images += data.batch_size
-            # The wrapped last batch tops up with samples of this epoch already counted.
-            state.epoch_iter = min(len(data), state.epoch_iter + data.batch_size)
+            # Count the epoch's new samples only: the wrapped last batch tops up with samples already
+            # counted, which the plain trainer's smaller last batch does not have.
+            new = min(len(data), state.epoch_iter + data.batch_size) - state.epoch_iter
+            state.images += new
+            state.epoch_iter += new
             if self.bar is not None:
                 self.bar.update()
             if step.pending >= self.readback_every:
@@ -452,6 +712,14 @@ class FastTrainer(Trainer):
             if self._reached_max_iters():
                 return False
         return True
+
+
+def _graph_problem(result: Any) -> str | None:
+    """What a graph check found wrong, or None: :func:`verify_captured_step` returns a ``GraphCheck``
+    (``passed``, ``describe()``); a plain description or None is taken as it is."""
+    if result is None or isinstance(result, str):
+        return result
+    return None if result.passed else result.describe()
 
 
 class _PortableLoader:

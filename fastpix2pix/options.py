@@ -4,8 +4,9 @@ Every option is declared once, as a dataclass field whose metadata holds its hel
 :func:`build_parser` turns the fields into argparse arguments and :func:`parse_options` back into the
 dataclass. Names and defaults are those of the official pix2pix code for ``--model pix2pix`` (which
 overrides the base defaults: ``--netG unet_256 --norm batch --gan_mode vanilla --lambda_L1 100``);
-fastpix2pix adds ``--device``, ``--backend``, ``--deterministic``, ``--seed``, ``--max_iters`` and
-``--load_official``.
+fastpix2pix adds ``--device``, ``--backend``, ``--deterministic``, ``--seed``, ``--max_iters``,
+``--load_official``, and for training ``--fast_path``, ``--device_data``, ``--device_data_share``,
+``--no_self_check`` and ``--dist_timeout``.
 
 Frequencies (``--print_freq``, ``--display_freq``, ``--save_latest_freq``) count training images, as the
 official ``total_iters`` does; an event fires whenever the count crosses a multiple of the frequency.
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 from fastpix2pix.backend import BACKENDS
 from fastpix2pix.data.transforms import DIRECTIONS, PREPROCESS_MODES
+from fastpix2pix.device_data import DEFAULT_DEVICE_SHARE, SOURCE_POLICIES
 from fastpix2pix.models import DISCRIMINATORS, GENERATORS, INIT_TYPES, NORMS
 from fastpix2pix.reference import GAN_MODES
 
@@ -88,7 +90,8 @@ class RunOptions:
     deterministic: bool = option(
         False,
         "deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN autotuning) and "
-        "single-process data loading",
+        "single-process data loading. Training on CUDA refuses it with the resnet_* generators: their "
+        "reflection padding has no deterministic CUDA backward (use a unet_* generator or the CPU)",
     )
     load_official: str | None = option(
         None,
@@ -186,6 +189,23 @@ class TrainOptions(DataLoadingOptions, ArchitectureOptions, RunOptions):
         "the fast single-GPU path (bf16, channels_last, fused Adam, data on the GPU, the whole iteration in "
         "one CUDA graph): auto = on for one CUDA process, off on the CPU and under torchrun",
         choices=("auto", "on", "off"),
+    )
+    device_data: str = option(
+        "auto",
+        "where the fast path keeps the training set: device = decoded once into device memory (fastest); "
+        "stream = decoded by --num_threads worker processes and copied to the device batch by batch; "
+        "auto = device when its decoded size is at most --device_data_share of the free device memory and "
+        "all images have one size after preprocessing, else stream (the choice is printed)",
+        choices=SOURCE_POLICIES,
+    )
+    device_data_share: float = option(
+        DEFAULT_DEVICE_SHARE,
+        "with --device_data auto: the largest share of the free device memory the decoded training set "
+        "may take on the device",
+    )
+    no_self_check: bool = option(
+        False,
+        "skip the start-up checks of the fused kernels and of the captured CUDA graph (see README)",
     )
     dist_timeout: int = option(
         1800,

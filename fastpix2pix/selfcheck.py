@@ -398,17 +398,16 @@ class _TrainingState:
 
     @classmethod
     def save(cls, step: FastStep) -> _TrainingState:
-        device = step.device
         return cls(
             tensors=step._snapshot(),
-            rng=torch.cuda.get_rng_state(device),
+            rng=_dropout_generator(step).get_state(),
             generators=[g.get_state() for g in step.source.generators()],
             data=step.source.state_dict(),
         )
 
     def restore(self, step: FastStep) -> None:
         step._restore(self.tensors)
-        torch.cuda.set_rng_state(self.rng, step.device)
+        _dropout_generator(step).set_state(self.rng)
         for generator, state in zip(step.source.generators(), self.generators, strict=True):
             generator.set_state(state)
         step.source.load_state_dict(self.data)
@@ -419,10 +418,17 @@ class _TrainingState:
         self.restore(step)
         step.prepare_batch()
         run()
-        torch.cuda.synchronize(step.device)
+        if step.device.type == "cuda":
+            torch.cuda.synchronize(step.device)
         after = step._snapshot()
         after["losses"] = step.losses[:1].clone()
         return after
+
+
+def _dropout_generator(step: FastStep) -> torch.Generator:
+    from fastpix2pix.fast_train import default_generator
+
+    return default_generator(step.device)
 
 
 def _worst_difference(

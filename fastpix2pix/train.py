@@ -48,8 +48,9 @@ from fastpix2pix.checkpoint import (
     load_checkpoint,
     package_version,
     plain_network_path,
+    remove_stale_temporaries,
     restore_rng_state,
-    save_checkpoint,
+    save_checkpoint_set,
 )
 from fastpix2pix.distributed import DistContext, init_distributed
 from fastpix2pix.options import LR_POLICIES, ArchitectureOptions, TrainOptions, options_to_dict, save_options
@@ -86,6 +87,7 @@ __all__ = [
     "build_networks",
     "build_optimizers",
     "build_scheduler",
+    "check_determinism_support",
     "determinism",
     "linear_lr_factor",
     "resolve_data_source",
@@ -239,6 +241,23 @@ def determinism(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.deterministic = saved[1]
         torch.backends.cudnn.benchmark = saved[2]
+
+
+def check_determinism_support(opt: TrainOptions, device: torch.device) -> None:
+    """Refuse, before anything is built, a ``--deterministic`` run that would stop at its first backward.
+
+    The ResNet generators pad by reflection (``F.pad(mode="reflect")``, as ``nn.ReflectionPad2d``), whose
+    CUDA backward has no deterministic implementation: under ``torch.use_deterministic_algorithms(True)``
+    it raises. An error rather than ``warn_only``: the run would not be reproducible, which is what the
+    option promises.
+    """
+    if opt.deterministic and device.type == "cuda" and opt.netG.startswith("resnet"):
+        raise ValueError(
+            f"--deterministic cannot train --netG {opt.netG} on CUDA: its reflection padding "
+            f"(ReflectionPad2d, F.pad mode='reflect') has no deterministic CUDA backward "
+            f"(reflection_pad2d_backward_cuda), so torch.use_deterministic_algorithms would stop the first "
+            f"iteration. Drop --deterministic, use a unet_* generator, or train with --device cpu"
+        )
 
 
 def build_generator(opt: ArchitectureOptions, backend: str, device: torch.device) -> nn.Module:
@@ -491,8 +510,15 @@ class Trainer:
         self.say = RunLog(self.run_dir / "log.txt", stream) if self.is_main else _SilentLog()
         self.device = resolve_device(opt.device) if self.group is None else self.group.device
         self.progress_bar_enabled = progress_bar and self.is_main
+        if opt.no_self_check:
+            from fastpix2pix.selfcheck import set_self_check
+
+            set_self_check(False)  # process-wide, as the kernel check's verdicts are
+        if self.is_main:
+            self._remove_stale_temporaries()
         resumed = self._load_resume_state(opt)
         self.opt = self._complete_options(opt, resumed)
+        check_determinism_support(self.opt, self.device)
         seed_everything(self.opt.seed)
         self._build()
         self._seed_rank_stream()
@@ -503,6 +529,16 @@ class Trainer:
         """Leave the process group if this trainer created it (at the end of :meth:`fit`, or on error)."""
         if self.group is not None:
             self.group.close()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the temporaries that a killed save left in the run folder (see checkpoint.py)."""
+        removed, freed = remove_stale_temporaries(self.run_dir)
+        if removed:
+            names = ", ".join(p.name for p in removed)
+            self.say(
+                f"removed {len(removed)} temporary file(s) of an interrupted save from {self.run_dir} "
+                f"({freed / 2**20:.1f} MiB): {names}"
+            )
 
     def _main_first(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext() if self.group is None else self.group.main_first()
@@ -715,6 +751,10 @@ class Trainer:
         )
         self._restore_rank_rng(resumed)
         self._saved_at = self.state.iteration
+        if self.is_main:
+            # A kill during the save that wrote this checkpoint's successor may have left these files one
+            # save ahead of it (they are written first): make them the checkpoint's again.
+            self._export_networks(self.opt.epoch)
         self.say(
             f"resumed from {checkpoint_path(self.run_dir, self.opt.epoch)}: epoch {self.state.epoch}, "
             f"{self.state.epoch_iter} images into it, iteration {self.state.iteration}"
@@ -793,15 +833,21 @@ class Trainer:
 
     def _write(self, state: dict[str, Any], labels: tuple[str | int, ...]) -> None:
         opt = self.opt
-        for label in labels:
-            save_checkpoint(state, checkpoint_path(self.run_dir, label))
-            export_official_networks(
-                self.run_dir,
-                label,
-                {"G": (self.nets.G, opt.netG), "D": (self.nets.D, opt.netD)},
-                n_layers_D=opt.n_layers_D,
-                use_dropout=not opt.no_dropout,
-            )
+        save_checkpoint_set(
+            self.run_dir, labels, state, self._official_networks(), n_layers_D=opt.n_layers_D,
+            use_dropout=not opt.no_dropout,
+        )  # fmt: skip
+
+    def _official_networks(self) -> dict[str, tuple[nn.Module, str]]:
+        return {"G": (self.nets.G, self.opt.netG), "D": (self.nets.D, self.opt.netD)}
+
+    def _export_networks(self, label: str | int) -> None:
+        """Write ``<label>_net_G.pth`` / ``_net_D.pth`` from the networks as they are."""
+        opt = self.opt
+        export_official_networks(
+            self.run_dir, label, self._official_networks(), n_layers_D=opt.n_layers_D,
+            use_dropout=not opt.no_dropout,
+        )  # fmt: skip
 
     # --- logging ---
 

@@ -3,14 +3,17 @@ sabotaged one, warns once, and falls back to the reference ops on that device on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
 import pytest
 import torch
+from tiny_run import tiny_options
 
 from fastpix2pix import reference, selfcheck
 from fastpix2pix.backend import extension_available
+from fastpix2pix.fast_train import EagerGraphRuntime, FastPathConfig, FastTrainer
 
 if not extension_available():
     pytest.skip(
@@ -23,7 +26,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def fresh_verdicts():
+def fresh_verdicts(monkeypatch):
+    # Checks on (a trainer run with --no_self_check earlier in the process switches them off for it).
+    monkeypatch.setattr(selfcheck, "_enabled", True)
     selfcheck.reset_kernel_checks()
     yield
     selfcheck.reset_kernel_checks()
@@ -172,3 +177,89 @@ def test_the_fallback_is_compiled_as_a_constant():
     compiled = torch.compile(ops.l1_loss, fullgraph=True, backend="eager")
     pred, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(compiled(pred, target), reference.l1_loss(pred, target))
+
+
+# --- the CUDA-graph check, on the CPU: EagerGraphRuntime's replay is what a correct graph computes ------
+
+
+def _graphed_step(tiny_data, tmp_path):
+    opt = tiny_options(tiny_data, tmp_path, fast_path="on")
+    config = FastPathConfig.for_device("cpu", loss_readback_every=8, verify_graph=False)
+    trainer = FastTrainer(opt, config, progress_bar=False)
+    trainer.config = dataclasses.replace(trainer.config, cuda_graph=True)
+    trainer.graph_runtime = EagerGraphRuntime()
+    step = trainer._ensure_step()
+    trainer.data.start_epoch(1)
+    return step
+
+
+class _Replay:
+    def __init__(self, run) -> None:
+        self.replay = run
+
+
+def test_a_correct_replay_passes_and_the_check_leaves_no_trace(tiny_data, tmp_path):
+    step = _graphed_step(tiny_data, tmp_path)
+    before = step._snapshot()
+    data_before = step.source.state_dict()
+    rng_before = torch.get_rng_state()
+    result = selfcheck.verify_captured_step(step)
+    assert result.passed and result.error == 0 and result.noise == 0, result.describe()
+    after = step._snapshot()
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    data_after = step.source.state_dict()
+    assert data_after.keys() == data_before.keys()
+    for key, value in data_before.items():
+        same = (
+            torch.equal(value, data_after[key])
+            if isinstance(value, torch.Tensor)
+            else value == data_after[key]
+        )
+        assert same, key
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert step.pending == 0
+
+
+def test_a_replay_on_a_stale_or_skipped_batch_fails(tiny_data, tmp_path):
+    step = _graphed_step(tiny_data, tmp_path)
+
+    def one_batch_ahead() -> None:  # e.g. a graph that read the buffers before the batch was written
+        step.source.next_batch()
+        step.iteration()
+
+    step.graph = _Replay(one_batch_ahead)
+    result = selfcheck.verify_captured_step(step)
+    assert not result.passed and result.error > 10 * result.tolerance, result.describe()
+
+
+def test_a_replay_with_another_learning_rate_fails(tiny_data, tmp_path):
+    step = _graphed_step(tiny_data, tmp_path)
+
+    def doubled_lr() -> None:  # e.g. a graph holding a stale copy of the learning rate
+        groups = [g for o in step.optimizers for g in o.param_groups]
+        saved = [g["lr"] for g in groups]
+        for group in groups:
+            group["lr"] = 2 * group["lr"]
+        step.iteration()
+        for group, lr in zip(groups, saved, strict=True):
+            group["lr"] = lr
+
+    step.graph = _Replay(doubled_lr)
+    result = selfcheck.verify_captured_step(step)
+    assert not result.passed, result.describe()
+    assert result.worst.startswith(("G.", "D.", "optG", "optD"))
+
+
+def test_a_replay_that_skips_the_batchnorm_statistics_fails(tiny_data, tmp_path):
+    step = _graphed_step(tiny_data, tmp_path)
+    buffers = {n: b for net in step.nets for n, b in net.named_buffers() if n.endswith("running_mean")}
+
+    def stale_statistics() -> None:
+        saved = {n: b.clone() for n, b in buffers.items()}
+        step.iteration()
+        for name, value in saved.items():
+            buffers[name].copy_(value)
+
+    step.graph = _Replay(stale_statistics)
+    result = selfcheck.verify_captured_step(step)
+    assert not result.passed and "running_mean" in result.worst, result.describe()

@@ -8,6 +8,7 @@ second per iteration on a CPU; the semantics under test do not depend on the siz
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from tiny_run import tiny_options
 
+import fastpix2pix.checkpoint as checkpoint_module
 import fastpix2pix.train as train_module
 from fastpix2pix.backend import extension_available
-from fastpix2pix.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from fastpix2pix.checkpoint import checkpoint_path, load_checkpoint, plain_network_path, save_checkpoint
 from fastpix2pix.data import generate_synthetic_facades, shared_facades_root
 from fastpix2pix.inference import evaluate_l1, set_inference_mode, split_loader
+from fastpix2pix.models import convert_to_official_state_dict
 from fastpix2pix.options import TestOptions, TrainOptions
 from fastpix2pix.train import (
     LOSS_NAMES,
@@ -31,6 +34,7 @@ from fastpix2pix.train import (
     build_networks,
     build_optimizers,
     build_scheduler,
+    check_determinism_support,
     train_step,
 )
 from fastpix2pix.visualize import read_loss_log
@@ -267,6 +271,81 @@ def test_crash_while_saving_keeps_previous_checkpoint(
     monkeypatch.setattr(torch, "save", real_save)
     assert_states_equal(load_checkpoint(path), good)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]  # no temp file left behind
+
+
+def test_stale_temporaries_of_killed_saves_are_removed_at_start(tiny_data: Path, tmp_path: Path) -> None:
+    """A save killed inside a write leaves its temporary (~0.7 GB for unet_256); the next trainer in the
+    run folder removes those of its own naming scheme, and nothing else, saying so in one line."""
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir()
+    ours = [".latest.pt.k3j_9x2a.tmp", ".epoch_3.pt.abcdefgh.tmp", ".latest_net_G.pth.0123abcd.tmp",
+            ".12_net_D.pth.zz_zz_zz.tmp"]  # fmt: skip
+    others = [".latest.pt.tmp", "notes.tmp", ".train_opt.txt.abcdefgh.tmp", ".latest.pt.abcdefghi.tmp",
+              "latest.pt.abcdefgh.tmp", ".other_net_G.pth.abcdefgh.tmp"]  # fmt: skip
+    for name in ours + others:
+        (run_dir / name).write_bytes(b"x" * 1000)
+    Trainer(tiny_options(tiny_data, tmp_path), progress_bar=False)
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")) == sorted(others)
+    said = [line for line in (run_dir / "log.txt").read_text().splitlines() if "temporary" in line]
+    assert len(said) == 1 and "removed 4 temporary file(s) of an interrupted save" in said[0]
+    assert all(name in said[0] for name in ours)
+
+
+def official_files_match(run_dir: Path, label: str, state: dict, opt: TrainOptions) -> bool:
+    """Whether ``<label>_net_G/D.pth`` hold exactly the networks of the full checkpoint ``state``."""
+    for key, name in (("G", opt.netG), ("D", opt.netD)):
+        expected = convert_to_official_state_dict(
+            state[key], name, n_layers_D=opt.n_layers_D, use_dropout=not opt.no_dropout
+        )
+        written = torch.load(plain_network_path(run_dir, label, key), weights_only=True)
+        if written.keys() != expected.keys() or not all(
+            torch.equal(written[k], expected[k]) for k in written
+        ):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("interrupted_write", [0, 1, 2])  # of the 3 files of a "latest" save
+def test_checkpoint_set_is_consistent_after_an_interrupted_save(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupted_write: int
+) -> None:
+    """latest.pt and latest_net_G/D.pth are separate writes: whichever one a crash interrupts, a resumed
+    trainer finds (or makes) the network files equal to latest.pt's networks."""
+    opt = tiny_options(tiny_data, tmp_path, max_iters=2, save_epoch_freq=0)
+    run(opt)
+    real_save = checkpoint_module._torch_save
+    writes = []
+
+    def crash_on_one_write(obj: object, path: Path) -> Path:
+        writes.append(path.name)
+        if len(writes) - 1 == interrupted_write:
+            raise OSError("No space left on device")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint_module, "_torch_save", crash_on_one_write)
+    with pytest.raises(OSError, match="No space left"):
+        run(dataclasses.replace(opt, max_iters=3, continue_train=True))
+    monkeypatch.setattr(checkpoint_module, "_torch_save", real_save)
+    assert len(writes) == interrupted_write + 1  # the save stopped at that write
+    resumed = Trainer(dataclasses.replace(opt, max_iters=3, continue_train=True), progress_bar=False)
+    latest = load_checkpoint(checkpoint_path(resumed.run_dir, "latest"))
+    assert official_files_match(resumed.run_dir, "latest", latest, resumed.opt)
+    assert latest["iteration"] == resumed.state.iteration
+
+
+def test_deterministic_cuda_refuses_the_resnet_generators_at_start(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reflection padding has no deterministic CUDA backward: the run would raise at its first iteration.
+    It fails before building anything instead, naming the option and the layer."""
+    monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device("cuda"))
+    opt = tiny_options(tiny_data, tmp_path, netG="resnet_6blocks", deterministic=True, device="cuda")
+    with pytest.raises(ValueError, match=r"--deterministic .*--netG resnet_6blocks.*ReflectionPad2d"):
+        Trainer(opt, progress_bar=False)
+    cuda = torch.device("cuda")
+    check_determinism_support(dataclasses.replace(opt, netG="unet_256"), cuda)  # no reflection padding
+    check_determinism_support(dataclasses.replace(opt, deterministic=False), cuda)
+    check_determinism_support(opt, CPU)  # the CPU backward is deterministic
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
