@@ -72,6 +72,8 @@ def conv_bn_act(
     negative_slope: float = 0.0,
 ) -> torch.Tensor:
     """Convolution (no bias) -> BatchNorm2d -> activation; see :func:`fastpix2pix.reference.conv_bn_act`."""
+    if training:
+        _check_values_per_channel(x, weight, stride, padding, output_padding, transposed)
     out, _, mean, var = _lib.conv_bn_act(
         x,
         weight,
@@ -145,6 +147,36 @@ def update_running_stats(
         running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
         unbiased_var = batch_var * (count / (count - 1))
         running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+
+
+def _check_values_per_channel(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    output_padding: Sequence[int],
+    transposed: bool,
+) -> None:
+    """nn.BatchNorm2d's error for a training batch with one value per channel, raised before the op.
+
+    The op checks this too, but on the first GPU run (H200, torch 2.11) that error, raised by the CUDA
+    statistics kernel under the convolution, crashed the process instead of reaching Python (cause not found
+    yet; see benchmarks/cuda_error_paths.py). A user's batch-1 1x1 input must get the message, not a crash.
+    """
+    if x.dim() != 4 or weight.dim() != 4:
+        return  # the op's own checks name the problem
+    spatial = 1
+    for axis in (0, 1):
+        size, kernel = x.shape[2 + axis], weight.shape[2 + axis]
+        if transposed:
+            spatial *= (size - 1) * stride[axis] - 2 * padding[axis] + kernel + output_padding[axis]
+        else:
+            spatial *= (size + 2 * padding[axis] - kernel) // stride[axis] + 1
+    if x.shape[0] * spatial == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{torch.Size([1, weight.shape[1] if transposed else weight.shape[0], 1, 1])}"
+        )
 
 
 def _wants_grad(*tensors: torch.Tensor) -> bool:

@@ -1,10 +1,14 @@
 """The CUDA kernels of ``csrc/cuda``, run on the CPU through ``tests/cuda_emulation`` (no GPU needed).
 
-The emulation compiles the very kernel and launch code of the CUDA library as plain C++ (each CUDA thread a
-``std::thread``, ``__syncthreads`` a real barrier, shared memory poisoned per block, launch limits checked)
-and exposes the op functions directly. These tests check what the GPU tests cannot check without a GPU:
-the indexing of both layouts and the flat walk, the vector/scalar choice (divisibility and alignment), the
-two-level reductions with one and with several partial states, and that every output element is written
+The emulation compiles the very kernel and launch code of the CUDA library as plain C++ and exposes the op
+functions directly. Blocks run one after another; the threads of a block are fibers (``ucontext``) on one OS
+thread, each run until its next ``__syncthreads`` (or its end) in a shuffled order, so that a missing barrier
+shows. Shared memory is poisoned per block; a launch above the kernels' launch bound, too much shared memory
+and a misaligned vector load or store raise, as they would fault on a GPU.
+
+These tests check what the GPU tests cannot check without a GPU: the indexing of both layouts and the flat
+walk, the vector/scalar choice (divisibility and alignment), the two-level reductions with one and with
+several partial states (also at the grid sizes of a 132-SM GPU), and that every output element is written
 (outputs come from ``at::empty``, which deterministic mode fills with NaN). Timing, coalescing and code
 generation are for ``tests/test_cuda_ops.py`` on a GPU.
 """
@@ -12,10 +16,31 @@ generation are for ``tests/test_cuda_ops.py`` on a GPU.
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from test_cuda_ops import (
+    FLOAT32_LAYERS,
+    IMAGES,
+    PATCH_MAPS,
+    assert_float32_matches,
+    bn_inputs,
+    channel_params,
+    fused_bias_act,
+    fused_bn_ops,
+    fused_loss,
+    random_inputs,
+    reference_bias_act,
+    reference_bn_ops,
+    reference_loss,
+)
+
+from fastpix2pix.reference import activation as reference_activation
+from fastpix2pix.reference import gan_loss as reference_gan_loss
+from fastpix2pix.reference import l1_loss as reference_l1_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -68,11 +93,15 @@ def emu():
 @pytest.fixture(autouse=True)
 def poisoned_outputs():
     """at::empty fills new tensors with NaN in deterministic mode: an element no kernel wrote stays NaN."""
-    previous = torch.are_deterministic_algorithms_enabled()
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
-    torch.use_deterministic_algorithms(previous)
+    torch.use_deterministic_algorithms(previous[0])
+    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
 
 
 def make(shape, layout: str, dtype: torch.dtype, generator=None, scale=1.0, shift=0.0) -> torch.Tensor:
@@ -341,3 +370,175 @@ def test_empty_losses_are_nan(emu):
         emu.l1_loss(*[torch.empty(0)] * 2, 1.0, True),
     ):
         assert loss.isnan()
+
+
+# --- NaN and infinity: the derivatives PyTorch takes there (see test_ops.py) -----------------------------
+#
+# ReLU's backward passes the gradient at a NaN input (threshold_backward tests out <= 0, false for NaN),
+# LeakyReLU's scales it by the slope (it tests x > 0), and L1's is sign(NaN) = 0.
+
+NAN, INF = float("nan"), float("inf")
+
+
+def with_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """x with a NaN, an inf and a -inf in every channel, in x's own layout."""
+    x[0, :, 0, 0], x[-1, :, 1, 1], x[-1, :, 2, 2] = NAN, INF, -INF
+    return x
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "unaligned"])  # vector and scalar paths
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_bias_act_at_nonfinite_inputs_matches_pytorch(emu, layout, slope, with_bias, generator):
+    emu.set_sm_count(2)
+    x = with_nonfinite(make((2, 8, 4, 4), layout, torch.float32, generator))
+    grad = make((2, 8, 4, 4), layout, torch.float32, generator)
+    grad[0, :, 3, :] = INF  # selected away by ReLU where z <= 0
+    bias = torch.randn(8, generator=generator) if with_bias else None
+    xr = x.detach().clone().requires_grad_()
+    br = bias.clone().requires_grad_() if with_bias else None
+    expected = reference_activation(xr + br.view(1, -1, 1, 1) if with_bias else xr, slope)
+    expected.backward(grad)
+
+    out = emu.bias_act_forward(x, bias, slope)
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    grad_x, grad_bias = emu.bias_act_backward(grad, out, slope, with_bias)
+    torch.testing.assert_close(grad_x, xr.grad, equal_nan=True)
+    if with_bias:
+        torch.testing.assert_close(grad_bias, br.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_act_at_a_nan_input_matches_pytorch(emu, layout, slope, training, generator):
+    """Eval: the NaN stays at its element; training: it makes its channel's statistics and z all NaN, and the
+    bias gradient (the sum of the passed gradients) stays finite."""
+    emu.set_sm_count(2)
+    eps = 1e-5
+    x = make((3, 8, 5, 4), layout, torch.float32, generator)
+    x[1, 2, 3, 3] = NAN
+    grad = make((3, 8, 5, 4), layout, torch.float32, generator)
+    running_mean, running_var, weight, bias = bn_params(8, torch.float32, generator, affine=True)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    normalized = F.batch_norm(xr, running_mean.clone(), running_var.clone(), wr, br, training, 0.1, eps)
+    expected = reference_activation(normalized, slope)
+    expected.backward(grad)
+
+    mean, var = emu.bn_stats(x) if training else (running_mean, running_var)
+    out = emu.bn_act_forward(x, mean, var, weight, bias, eps, slope)
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    sum_dz, sum_dz_xhat = emu.bn_act_backward_reduce(grad, x, mean, var, weight, bias, eps, slope)
+    torch.testing.assert_close((sum_dz_xhat, sum_dz), (wr.grad, br.grad), equal_nan=True)
+    count = x.numel() // x.shape[1]
+    grad_x = emu.bn_act_backward_apply(
+        grad, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, slope, training
+    )
+    torch.testing.assert_close(grad_x, xr.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "unaligned"])  # vector and scalar paths
+def test_l1_loss_gradient_at_a_nan_difference_is_zero(emu, layout, generator):
+    emu.set_sm_count(2)
+    pred = make((2, 3, 8, 8), layout, torch.float32, generator)
+    target = make((2, 3, 8, 8), layout, torch.float32, generator)
+    pred[0, 0, 0, :4] = torch.tensor([NAN, INF, -INF, 0.5])
+    target[0, 0, 0, :5] = torch.tensor([0.0, INF, 1.0, NAN, NAN])  # NaN, inf - inf, -inf, NaN, NaN
+    p = pred.detach().clone().requires_grad_()
+    expected = 10.0 * F.l1_loss(p, target)
+    expected.backward()
+    loss, grad = emu.l1_loss(pred, target, 10.0, True)
+    assert loss.isnan() and expected.isnan()
+    torch.testing.assert_close(grad, p.grad, equal_nan=True)
+
+
+# --- the emulation's own checks: what would fault on a GPU fails here -------------------------------------
+
+
+def vectors_for(emu) -> tuple[torch.Tensor, torch.Tensor]:
+    """A source and a zeroed destination with room for a full block's vectors at an offset of up to 4."""
+    size = emu.block_threads() * 4 + 4
+    return torch.arange(size, dtype=torch.float32), torch.zeros(size)
+
+
+def test_aligned_vector_copy_runs(emu):
+    source, out = vectors_for(emu)
+    threads = emu.block_threads()
+    emu.copy_vectors(source, 4, out, 0, threads)  # 4 floats: 16 bytes, still aligned
+    torch.testing.assert_close(out[: threads * 4], source[4 : threads * 4 + 4], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("side", ["load", "store"])
+def test_misaligned_vector_access_is_caught(emu, side):
+    source, out = vectors_for(emu)
+    in_offset, out_offset = (1, 0) if side == "load" else (0, 1)  # one float: 4 bytes off
+    with pytest.raises(RuntimeError, match="misaligned 16-byte vector access"):
+        emu.copy_vectors(source, in_offset, out, out_offset, 32)
+    emu.copy_vectors(source, 0, out, 0, 32)  # the failed launch left the emulation usable
+
+
+def test_block_above_the_launch_bound_is_caught(emu):
+    source, out = vectors_for(emu)
+    with pytest.raises(RuntimeError, match=f"above the kernels' launch bound of {emu.block_threads()}"):
+        emu.copy_vectors(source, 0, out, 0, emu.block_threads() + 1)
+
+
+def test_every_kernel_declares_the_launch_bound_the_emulation_checks():
+    """The emulation checks blocks against kBlockThreads; a kernel with another bound needs its own check."""
+    bounds = [
+        bound
+        for path in sorted((ROOT / "csrc" / "cuda").glob("*.cu*"))
+        for bound in re.findall(r"__launch_bounds__\(([^)]*)\)", path.read_text())
+    ]
+    assert len(bounds) >= 7 and set(bounds) == {"kBlockThreads"}, bounds
+
+
+# --- float32 at pix2pix sizes, with the grids of a 132-SM GPU (the checks of test_cuda_ops.py) -----------
+
+GPU_SMS = 132  # an H100 or H200, the GPUs test_cuda_ops.py runs on
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@pytest.mark.parametrize("layout", MEMORY_FORMATS)
+@pytest.mark.parametrize("layer", FLOAT32_LAYERS)
+def test_bn_ops_float32_match_reference_at_pix2pix_sizes(emu, layer, layout, generator):
+    emu.set_sm_count(GPU_SMS)
+    shape, slope = FLOAT32_LAYERS[layer]
+    x, grad, weight, bias = bn_inputs(shape, MEMORY_FORMATS[layout], slope, "cpu", generator)
+    expected = reference_bn_ops(x, grad, weight, bias, slope)
+    assert_float32_matches(fused_bn_ops(emu, x, grad, weight, bias, slope), expected)
+
+
+@pytest.mark.parametrize("layout", MEMORY_FORMATS)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layer", FLOAT32_LAYERS)
+def test_bias_act_float32_matches_reference_at_pix2pix_sizes(emu, layer, with_bias, layout, generator):
+    emu.set_sm_count(GPU_SMS)
+    shape, slope = FLOAT32_LAYERS[layer]
+    x, grad = random_inputs(shape, MEMORY_FORMATS[layout], "cpu", generator)
+    bias = channel_params(shape[1], "cpu", generator)[1] if with_bias else None
+    expected = reference_bias_act(x, grad, bias, slope)
+    assert_float32_matches(fused_bias_act(emu, x, grad, bias, slope), expected)
+
+
+@pytest.mark.parametrize("layout", MEMORY_FORMATS)
+@pytest.mark.parametrize("target_is_real", [True, False], ids=["real", "fake"])
+@pytest.mark.parametrize("mode", ["vanilla", "lsgan"])
+@pytest.mark.parametrize("patch_map", PATCH_MAPS)
+def test_gan_loss_float32_matches_reference_at_pix2pix_sizes(
+    emu, patch_map, mode, target_is_real, layout, generator
+):
+    emu.set_sm_count(GPU_SMS)
+    (logits,) = random_inputs(PATCH_MAPS[patch_map], MEMORY_FORMATS[layout], "cpu", generator, count=1)
+    logits = logits * 3
+    expected = reference_loss(lambda x: reference_gan_loss(x, target_is_real, mode), logits)
+    assert_float32_matches(fused_loss(emu.gan_loss, logits, target_is_real, mode, True), expected)
+
+
+@pytest.mark.parametrize("layout", MEMORY_FORMATS)
+@pytest.mark.parametrize("image", IMAGES)
+def test_l1_loss_float32_matches_reference_at_pix2pix_sizes(emu, image, layout, generator):
+    emu.set_sm_count(GPU_SMS)
+    pred, target = random_inputs(IMAGES[image], MEMORY_FORMATS[layout], "cpu", generator)
+    expected = reference_loss(lambda p, t: reference_l1_loss(p, t, 100.0), pred, target)
+    assert_float32_matches(fused_loss(emu.l1_loss, pred, target, 100.0, True), expected)

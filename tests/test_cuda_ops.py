@@ -4,9 +4,12 @@
 - low precision: in bfloat16/float16 the fused ops' error against a float64 reference is at most twice the
   error of PyTorch's own ops in the same precision (conv + BatchNorm + activation forward and backward,
   bias + activation, the losses), for NCHW and channels_last;
-- float32 within the default tolerances of the reference, running statistics equal;
-- every output element written: the caching allocator is poisoned (0xFF bytes, NaN in every float dtype)
-  right before each call, so the op's fresh outputs land in NaN memory;
+- float32 within the default tolerances of the reference, running statistics equal; and every op's values
+  and gradients within rtol 1e-5 of ``reference.py`` evaluated in float64, at pix2pix sizes (many blocks
+  and partial states on a 132-SM GPU), in both layouts;
+- every output element written: the fused calls run with deterministic mode's fill_uninitialized_memory,
+  which fills every new tensor with NaN (each output, whichever cached block it gets), so an element no
+  kernel writes stays NaN;
 - tensors past 2**31 elements (slow, only with enough free GPU memory);
 - CUDA-graph capture and replay of a conv_bn_act forward and backward, equal to eager;
 - no host synchronisation: the ops run under ``torch.cuda.set_sync_debug_mode("error")``;
@@ -84,16 +87,26 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def poison_allocator(large_bytes: int = 256 << 20) -> None:
-    """Fill memory that the caching allocator will hand out next with 0xFF bytes (NaN in every float dtype).
+@contextmanager
+def poisoned_outputs():
+    """Inside, every tensor allocated (at::empty and its kin: every op output) starts as NaN.
 
-    Blocks of both pools are poisoned and freed: one large block (allocations over 1 MiB split it) and
-    small ones (the small pool's 2 MiB segments). An output the op allocates right after reuses them, so
-    an element its kernels do not write stays NaN.
+    This is deterministic mode's fill_uninitialized_memory, which fills each new tensor itself, so it
+    reaches small outputs too (poisoning freed memory does not: the caching allocator may hand back another
+    block). Only the fused calls run inside, so that nothing else meets deterministic mode's restrictions.
     """
-    large = torch.full((large_bytes,), 255, dtype=torch.uint8, device="cuda")
-    small = [torch.full((1 << 18,), 255, dtype=torch.uint8, device="cuda") for _ in range(32)]
-    del large, small
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
 
 
 def assert_written(*tensors: torch.Tensor | None) -> None:
@@ -201,10 +214,10 @@ def test_conv_bn_act_low_precision(ops, layer, dtype, memory_format):
     )
 
     fused_running = running_stats(spec[1])
-    poison_allocator()
-    fused_out, fused_grads = run_conv_bn_act(
-        ops, *leaves(x, weight, bn_weight, bn_bias), fused_running, grad_seed, spec
-    )
+    with poisoned_outputs():
+        fused_out, fused_grads = run_conv_bn_act(
+            ops, *leaves(x, weight, bn_weight, bn_bias), fused_running, grad_seed, spec
+        )
     assert_written(fused_out, *fused_grads)
     assert fused_out.dtype == dtype and fused_out.is_contiguous(memory_format=memory_format)
     assert_at_most_twice("out", fused_out, eager_out, exact_out)
@@ -232,8 +245,8 @@ def test_conv_bias_act_low_precision(ops, layer, dtype, memory_format):
     grad_seed = torch.randn(out_shape, device="cuda")
     exact_out, exact_grads = run(reference, *as_double(x, weight, bias))
     eager_out, eager_grads = run(reference, *leaves(x, weight, bias))
-    poison_allocator()
-    fused_out, fused_grads = run(ops, *leaves(x, weight, bias))
+    with poisoned_outputs():
+        fused_out, fused_grads = run(ops, *leaves(x, weight, bias))
     assert_written(fused_out, *fused_grads)
     assert_at_most_twice("out", fused_out, eager_out, exact_out)
     for name, fused, eager, exact in zip(
@@ -262,8 +275,8 @@ def test_gan_loss_low_precision(ops, mode, target_is_real, dtype, memory_format)
 
     exact_loss, exact_grad = run(eager_loss, logits.double())
     eager_loss_value, eager_grad = run(eager_loss, logits)
-    poison_allocator()
-    fused_loss, fused_grad = run(lambda x: ops.gan_loss(x, target_is_real, mode), logits)
+    with poisoned_outputs():
+        fused_loss, fused_grad = run(lambda x: ops.gan_loss(x, target_is_real, mode), logits)
     assert_written(fused_loss, fused_grad)
     assert fused_loss.dtype == torch.float32 and fused_loss.dim() == 0
     assert_at_most_twice("loss", fused_loss, eager_loss_value, exact_loss)
@@ -283,8 +296,8 @@ def test_l1_loss_low_precision(ops, dtype, memory_format):
 
     exact = run(lambda p: 100.0 * F.l1_loss(p, target.double()), pred.double())
     eager = run(lambda p: 100.0 * F.l1_loss(p, target), pred)
-    poison_allocator()
-    fused = run(lambda p: ops.l1_loss(p, target, 100.0), pred)
+    with poisoned_outputs():
+        fused = run(lambda p: ops.l1_loss(p, target, 100.0), pred)
     assert_written(*fused)
     assert_at_most_twice("loss", fused[0], eager[0], exact[0])
     assert_at_most_twice("grad", fused[1], eager[1], exact[1])
@@ -304,8 +317,10 @@ def test_conv_bn_act_float32_matches_reference(ops, layer, memory_format, no_tf3
     ref_out, ref_grads = run_conv_bn_act(
         reference, *leaves(x, weight, bn_weight, bn_bias), running_stats(spec[1]), grad_seed, spec
     )
-    poison_allocator()
-    out, grads = run_conv_bn_act(ops, *leaves(x, weight, bn_weight, bn_bias), fused_running, grad_seed, spec)
+    with poisoned_outputs():
+        out, grads = run_conv_bn_act(
+            ops, *leaves(x, weight, bn_weight, bn_bias), fused_running, grad_seed, spec
+        )
     assert_written(out, *grads)
     torch.testing.assert_close(out, ref_out)
     for got, expected in zip(grads, ref_grads, strict=True):
@@ -323,10 +338,196 @@ def test_eval_mode_uses_running_statistics(ops, memory_format, no_tf32):
     running_var = torch.rand(spec[1], device="cuda") + 0.5
     kwargs = {**conv_kwargs(spec), "training": False}
     expected = reference.conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, **kwargs)
-    poison_allocator()
-    got = ops.conv_bn_act(x, weight, bn_weight, bn_bias, running_mean.clone(), running_var.clone(), **kwargs)
+    with poisoned_outputs():
+        got = ops.conv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean.clone(), running_var.clone(), **kwargs
+        )
     assert_written(got)
     torch.testing.assert_close(got, expected)
+
+
+# --- float32 at pix2pix sizes against reference.py in float64, rtol 1e-5 ---------------------------------
+#
+# Every op's values and gradients against reference.py (and, for the BatchNorm ops, F.batch_norm, whose
+# pieces they are) evaluated in float64 on the same float32 inputs. The sizes give many blocks and partial
+# states on a 132-SM GPU. test_cuda_emulation.py runs the same checks on the CPU with that GPU's grid.
+
+EPS = 1e-5
+# (N, C, H, W) and activation slope of unet_256 layers: an encoder level at batch 16; a decoder level at
+# batch 1 (few large planes: the NCHW walks split them into column tiles); an inner level at batch 16 (512
+# channels of 2x2 planes).
+FLOAT32_LAYERS = {
+    "enc_b16": ((16, 64, 64, 64), 0.2),
+    "dec_b1": ((1, 64, 128, 128), 0.0),
+    "inner_b16": ((16, 512, 2, 2), 0.0),
+}
+# The losses' inputs: PatchGAN's 30x30 patch map of a 256x256 image (GAN loss) and the generated image (L1).
+PATCH_MAPS = {"patch_b1": (1, 1, 30, 30), "patch_b16": (16, 1, 30, 30)}
+IMAGES = {"image_b1": (1, 3, 256, 256), "image_b16": (16, 3, 256, 256)}
+# How far from the activation's kink (z = 0) an element must be for float32 rounding of z to be sure to
+# pick the branch the float64 reference picks; closer elements get no incoming gradient.
+KINK_MARGIN = 1e-4
+
+
+def random_inputs(shape, memory_format, device, generator=None, count=2):
+    """`count` float32 tensors of N(0, 1) values in `memory_format` (drawn on the CPU: reproducible)."""
+    return [
+        torch.randn(shape, generator=generator).to(device).contiguous(memory_format=memory_format)
+        for _ in range(count)
+    ]
+
+
+def channel_params(channels, device, generator=None):
+    """A BatchNorm weight around 1 and a bias around 0 (float32)."""
+    weight = torch.rand(channels, generator=generator) + 0.5
+    bias = torch.randn(channels, generator=generator) * 0.5
+    return weight.to(device), bias.to(device)
+
+
+def assert_float32_matches(results: dict, expected: dict) -> None:
+    """Each float32 result within rtol 1e-5 of its float64 reference. The absolute floor, 1e-5 times the
+    RMS of the expected tensor, is for elements that cancel to near zero, where no relative bound holds."""
+    assert results.keys() == expected.keys()
+    for name, value in results.items():
+        exact = expected[name].detach().double()
+        assert value.dtype == torch.float32, name
+        assert not value.isnan().any(), f"{name}: NaN, an element no kernel wrote (outputs are poisoned)"
+        atol = 1e-5 * exact.pow(2).mean().sqrt().item()
+        torch.testing.assert_close(
+            value.double(), exact, rtol=1e-5, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+def bn_inputs(shape, memory_format, slope, device, generator=None):
+    """x (mean 0.5, spread 2), grad_out, weight and bias of a BatchNorm layer, with grad_out zeroed near the
+    kink (KINK_MARGIN) so that the float32 and float64 activations differentiate the same branch."""
+    x, grad = random_inputs(shape, memory_format, device, generator)
+    x = x * 2 + 0.5
+    weight, bias = channel_params(shape[1], device, generator)
+    z = F.batch_norm(x.double(), None, None, weight.double(), bias.double(), True, 0.0, EPS)
+    grad = grad.masked_fill(z.abs() < KINK_MARGIN, 0) if slope != 1.0 else grad
+    return x, grad, weight, bias
+
+
+def reference_bn_ops(x, grad, weight, bias, slope) -> dict:
+    """The BN ops' results, from BatchNorm + activation in float64 differentiated by autograd."""
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    out = reference.activation(F.batch_norm(xd, None, None, wd, bd, True, 0.0, EPS), slope)
+    out.backward(grad.double())
+    var, mean = torch.var_mean(xd.detach(), dim=(0, 2, 3), correction=0)
+    return {
+        "mean": mean,
+        "var": var,
+        "out": out,
+        "sum_dz": bd.grad,
+        "sum_dz_xhat": wd.grad,
+        "grad_x": xd.grad,
+    }
+
+
+def fused_bn_ops(lib, x, grad, weight, bias, slope) -> dict:
+    """bn_stats -> bn_act_forward -> bn_act_backward_reduce -> bn_act_backward_apply (training)."""
+    mean, var = lib.bn_stats(x)
+    out = lib.bn_act_forward(x, mean, var, weight, bias, EPS, slope)
+    sum_dz, sum_dz_xhat = lib.bn_act_backward_reduce(grad, x, mean, var, weight, bias, EPS, slope)
+    count = x.numel() // x.shape[1]
+    grad_x = lib.bn_act_backward_apply(
+        grad, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, EPS, slope, True
+    )
+    assert out.stride() == grad_x.stride() == x.stride()
+    return {
+        "mean": mean,
+        "var": var,
+        "out": out,
+        "sum_dz": sum_dz,
+        "sum_dz_xhat": sum_dz_xhat,
+        "grad_x": grad_x,
+    }
+
+
+def reference_bias_act(x, grad, bias, slope) -> dict:
+    """bias + activation results (bias None: the flat walks), from reference.activation in float64."""
+    xd = x.detach().double().requires_grad_()
+    bd = bias.detach().double().requires_grad_() if bias is not None else None
+    out = reference.activation(xd + bd.view(1, -1, 1, 1) if bd is not None else xd, slope)
+    out.backward(grad.double())
+    results = {"out": out, "grad_x": xd.grad}
+    if bd is not None:
+        results["grad_bias"] = bd.grad
+    return results
+
+
+def fused_bias_act(lib, x, grad, bias, slope) -> dict:
+    out = lib.bias_act_forward(x, bias, slope)
+    grad_x, grad_bias = lib.bias_act_backward(grad, out, slope, bias is not None)
+    assert out.stride() == grad_x.stride() == x.stride()
+    results = {"out": out, "grad_x": grad_x}
+    if bias is not None:
+        results["grad_bias"] = grad_bias
+    return results
+
+
+def reference_loss(loss_fn, *inputs) -> dict:
+    """A reference loss in float64 and its gradient in the first input."""
+    first = inputs[0].detach().double().requires_grad_()
+    loss = loss_fn(first, *(t.double() for t in inputs[1:]))
+    loss.backward()
+    return {"loss": loss, "grad": first.grad}
+
+
+def fused_loss(op, *args) -> dict:
+    loss, grad = op(*args)
+    assert grad.stride() == args[0].stride()
+    return {"loss": loss, "grad": grad}
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("layer", FLOAT32_LAYERS)
+def test_bn_ops_float32_match_reference_at_pix2pix_sizes(ops, layer, memory_format):
+    shape, slope = FLOAT32_LAYERS[layer]
+    x, grad, weight, bias = bn_inputs(shape, memory_format, slope, "cuda")
+    expected = reference_bn_ops(x, grad, weight, bias, slope)
+    with poisoned_outputs():
+        results = fused_bn_ops(torch.ops.fastpix2pix, x, grad, weight, bias, slope)
+    assert_float32_matches(results, expected)
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layer", FLOAT32_LAYERS)
+def test_bias_act_float32_matches_reference_at_pix2pix_sizes(ops, layer, with_bias, memory_format):
+    shape, slope = FLOAT32_LAYERS[layer]
+    x, grad = random_inputs(shape, memory_format, "cuda")
+    bias = channel_params(shape[1], "cuda")[1] if with_bias else None
+    expected = reference_bias_act(x, grad, bias, slope)
+    with poisoned_outputs():
+        results = fused_bias_act(torch.ops.fastpix2pix, x, grad, bias, slope)
+    assert_float32_matches(results, expected)
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("target_is_real", [True, False], ids=["real", "fake"])
+@pytest.mark.parametrize("mode", ["vanilla", "lsgan"])
+@pytest.mark.parametrize("patch_map", PATCH_MAPS)
+def test_gan_loss_float32_matches_reference_at_pix2pix_sizes(
+    ops, patch_map, mode, target_is_real, memory_format
+):
+    (logits,) = random_inputs(PATCH_MAPS[patch_map], memory_format, "cuda", count=1)
+    logits = logits * 3
+    expected = reference_loss(lambda x: reference.gan_loss(x, target_is_real, mode), logits)
+    with poisoned_outputs():
+        results = fused_loss(torch.ops.fastpix2pix.gan_loss, logits, target_is_real, mode, True)
+    assert_float32_matches(results, expected)
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("image", IMAGES)
+def test_l1_loss_float32_matches_reference_at_pix2pix_sizes(ops, image, memory_format):
+    pred, target = random_inputs(IMAGES[image], memory_format, "cuda")
+    expected = reference_loss(lambda p, t: reference.l1_loss(p, t, 100.0), pred, target)
+    with poisoned_outputs():
+        results = fused_loss(torch.ops.fastpix2pix.l1_loss, pred, target, 100.0, True)
+    assert_float32_matches(results, expected)
 
 
 # --- layouts and shapes the kernels treat specially --------------------------------------------------------
@@ -346,24 +547,24 @@ def test_fused_bn_ops_every_path(ops, shape, dtype, layout):
     weight = torch.randn(channels, device="cuda") + 1
     bias = torch.randn(channels, device="cuda")
     eps, slope = 1e-5, 0.2
-    poison_allocator()
-    mean, var = lib.bn_stats(x)
+    with poisoned_outputs():
+        mean, var = lib.bn_stats(x)
     assert_written(mean, var)
     xd = x.double()
     tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(mean.double(), xd.mean((0, 2, 3)), **tol)
     torch.testing.assert_close(var.double(), xd.var((0, 2, 3), unbiased=False), **tol)
 
-    poison_allocator()
-    out = lib.bn_act_forward(x, mean, var, weight, bias, eps, slope)
+    with poisoned_outputs():
+        out = lib.bn_act_forward(x, mean, var, weight, bias, eps, slope)
     assert_written(out)
     assert out.stride() == torch.empty_like(x).stride()
     xhat = (xd - mean.double().view(1, -1, 1, 1)) * torch.rsqrt(var.double().view(1, -1, 1, 1) + eps)
     z = xhat * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
     torch.testing.assert_close(out, torch.where(z > 0, z, slope * z).to(dtype))
 
-    poison_allocator()
-    sum_dz, sum_dz_xhat = lib.bn_act_backward_reduce(grad, x, mean, var, weight, bias, eps, slope)
+    with poisoned_outputs():
+        sum_dz, sum_dz_xhat = lib.bn_act_backward_reduce(grad, x, mean, var, weight, bias, eps, slope)
     assert_written(sum_dz, sum_dz_xhat)
     dz = torch.where(z > 0, grad.double(), slope * grad.double())
     sum_tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-3}
@@ -371,10 +572,10 @@ def test_fused_bn_ops_every_path(ops, shape, dtype, layout):
     torch.testing.assert_close(sum_dz_xhat.double(), (dz * xhat).sum((0, 2, 3)), **sum_tol)
 
     count = x.numel() // channels
-    poison_allocator()
-    grad_x = lib.bn_act_backward_apply(
-        grad, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, slope, True
-    )
+    with poisoned_outputs():
+        grad_x = lib.bn_act_backward_apply(
+            grad, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, slope, True
+        )
     assert_written(grad_x)
     scale = (weight.double() * torch.rsqrt(var.double() + eps)).view(1, -1, 1, 1)
     expected = scale * (
@@ -396,6 +597,26 @@ def _make(shape, layout: str, dtype: torch.dtype) -> torch.Tensor:
     raise ValueError(layout)
 
 
+# --- the written-element checks' poisoning -----------------------------------------------------------------
+
+
+def test_poisoned_outputs_reach_small_cached_blocks():
+    """A small tensor in a block the caching allocator hands back (here one just freed, holding 1s) starts
+    as NaN in every float dtype: what the written-element checks rely on."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        cached = torch.ones(7, device="cuda", dtype=dtype)
+        del cached
+        with poisoned_outputs():
+            fresh = torch.empty(7, device="cuda", dtype=dtype)
+            like = torch.empty_like(fresh)
+        assert fresh.isnan().all() and like.isnan().all()
+    assert (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    ) == before
+
+
 # --- no synchronisation, determinism, devices --------------------------------------------------------------
 
 
@@ -403,7 +624,7 @@ def test_d_step_losses_on_one_stream_without_sync(ops):
     """The D step: the fake and the real loss, their sum and its backward, with no host synchronisation."""
     fake = torch.randn(16, 1, 30, 30, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     real = torch.randn(16, 1, 30, 30, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    with sync_is_error():
+    with sync_is_error(), poisoned_outputs():
         loss_d = 0.5 * (ops.gan_loss(fake, False) + ops.gan_loss(real, True))
         loss_d.backward()
     expected = 0.5 * (reference.gan_loss(fake.detach(), False) + reference.gan_loss(real.detach(), True))
@@ -424,7 +645,7 @@ def test_training_step_ops_do_not_synchronise(ops, memory_format):
         ops.conv_bn_act(x, weight, bn_weight, bn_bias, *running, **conv_kwargs(spec)), True
     ).backward()
     torch.cuda.synchronize()  # warmed up: library handles and allocator pools exist
-    with sync_is_error():
+    with sync_is_error(), poisoned_outputs():
         h = ops.conv_bn_act(x, weight, bn_weight, bn_bias, *running, **conv_kwargs(spec))
         h2 = ops.conv_bias_act(x, weight, bias, **conv_kwargs(spec))
         loss = ops.l1_loss(h, target, 100.0) + ops.gan_loss(h2, True) + ops.gan_loss(h2, False, "lsgan")
@@ -493,39 +714,42 @@ def test_conv_bn_act_cuda_graph_replay_matches_eager(ops, memory_format):
         out.backward(static_grad)
         return out
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph (cuDNN plans, allocator pools)
-        for _ in range(3):
-            for p in params:
-                p.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    # Outputs allocated during capture are NaN-filled by the graph itself at each replay: the replay
+    # must write every element again.
+    with poisoned_outputs():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (cuDNN plans, allocator pools)
+            for _ in range(3):
+                for p in params:
+                    p.grad = None
+                step()
+        torch.cuda.current_stream().wait_stream(side)
 
-    graph = torch.cuda.CUDAGraph()
-    for p in params:
-        p.grad = None
-    with torch.cuda.graph(graph):
-        static_out = step()
+        graph = torch.cuda.CUDAGraph()
+        for p in params:
+            p.grad = None
+        with torch.cuda.graph(graph):
+            static_out = step()
 
-    # New data into the static inputs, fresh running statistics, then one replay against one eager step.
-    static_x.copy_(torch.randn_like(static_x))
-    static_grad.copy_(torch.randn_like(static_grad))
-    start = [r.clone() for r in running]
-    for r, s in zip(running, start, strict=True):
-        r.copy_(s)
-    graph.replay()
-    replayed = [static_out.clone(), *(p.grad.clone() for p in params), *(r.clone() for r in running)]
+        # New data into the static inputs, fresh running statistics, then one replay against one eager step.
+        static_x.copy_(torch.randn_like(static_x))
+        static_grad.copy_(torch.randn_like(static_grad))
+        start = [r.clone() for r in running]
+        for r, s in zip(running, start, strict=True):
+            r.copy_(s)
+        graph.replay()
+        replayed = [static_out.clone(), *(p.grad.clone() for p in params), *(r.clone() for r in running)]
 
-    for r, s in zip(running, start, strict=True):
-        r.copy_(s)
-    eager_params = leaves(*params)
-    out = ops.conv_bn_act(static_x, *eager_params, *running, **conv_kwargs(spec))
-    out.backward(static_grad)
-    eager = [out, *(p.grad for p in eager_params), *running]
-    for got, expected in zip(replayed, eager, strict=True):
-        assert_written(got)
-        torch.testing.assert_close(got, expected)
+        for r, s in zip(running, start, strict=True):
+            r.copy_(s)
+        eager_params = leaves(*params)
+        out = ops.conv_bn_act(static_x, *eager_params, *running, **conv_kwargs(spec))
+        out.backward(static_grad)
+        eager = [out, *(p.grad for p in eager_params), *running]
+        for got, expected in zip(replayed, eager, strict=True):
+            assert_written(got)
+            torch.testing.assert_close(got, expected)
 
 
 # --- past 2**31 elements -----------------------------------------------------------------------------------
@@ -569,8 +793,8 @@ def test_past_2_to_the_31_elements(ops, shape, memory_format):
     torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.double(), exact_var, rtol=1e-4, atol=1e-4)
 
-    poison_allocator()
-    out = lib.bn_act_forward(x, mean, var, None, None, 1e-5, 0.2)
+    with poisoned_outputs():
+        out = lib.bn_act_forward(x, mean, var, None, None, 1e-5, 0.2)
     assert out.is_contiguous(memory_format=memory_format)
     assert_written(out)
     # Spot checks by index (no copy of the 4 GiB tensors): random elements, and the last image row of every

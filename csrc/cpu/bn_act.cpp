@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <utility>
 
 #include "checks.h"
@@ -174,13 +175,21 @@ std::array<ChannelArray<double>, 2> bn_act_backward_sums(const Tensor& grad_out,
   });
 }
 
-// grad_x = scale * (dz - mean_dz - (x - mean) * centered_coef): in training mean_dz = sum_dz / count and
-// centered_coef = invstd * sum_dz_xhat / count (the batch statistics' own gradient); in eval both are 0.
+// The batch statistics' own gradient, per channel: mean_dz = sum_dz / count and centered_coef = invstd *
+// sum_dz_xhat / count.
+template <typename acc>
+struct StatsGradient {
+  ChannelArray<acc> mean_dz, centered_coef;
+};
+
+// grad_x = scale * (dz - mean_dz - (x - mean) * centered_coef) in training, scale * dz in eval (no
+// `stats_grad`). Eval has no correction at all rather than a zero one: (x - mean) * 0 is NaN at a NaN x,
+// where PyTorch's eval gradient is finite.
 template <typename scalar_t>
 void bn_act_backward_apply_kernel(const Tensor& grad_out, const Tensor& x, const Tensor& grad_x,
                                   Layout layout, const Normalization<acc_t<scalar_t>>& norm,
-                                  const ChannelArray<acc_t<scalar_t>>& mean_dz,
-                                  const ChannelArray<acc_t<scalar_t>>& centered_coef, double negative_slope) {
+                                  const std::optional<StatsGradient<acc_t<scalar_t>>>& stats_grad,
+                                  double negative_slope) {
   using Vec = AccVec<scalar_t>;
   const StripPlan<Vec> plan(layout, x);
   const Activation<Vec> act(negative_slope);
@@ -190,9 +199,12 @@ void bn_act_backward_apply_kernel(const Tensor& grad_out, const Tensor& x, const
   parallel_for_strips(plan, [&](int64_t, const Strip& s) {
     plan.for_each_vector(s, [&](int64_t i, int64_t w, auto ch) {
       const auto [centered, z] = norm.centered_and_z(load(in + i, w), ch);
-      const Vec dz = act.grad(load(grad + i, w), z);
-      const Vec correction = lanes<Vec>(ch, mean_dz.data()) + centered * lanes<Vec>(ch, centered_coef.data());
-      store(result + i, lanes<Vec>(ch, norm.scale.data()) * (dz - correction), w);
+      Vec grad_z = act.grad(load(grad + i, w), z);
+      if (stats_grad) {
+        grad_z = grad_z - (lanes<Vec>(ch, stats_grad->mean_dz.data()) +
+                           centered * lanes<Vec>(ch, stats_grad->centered_coef.data()));
+      }
+      store(result + i, lanes<Vec>(ch, norm.scale.data()) * grad_z, w);
     });
   });
 }
@@ -303,17 +315,17 @@ Tensor bn_act_backward_apply(const Tensor& grad_out, const Tensor& x, const Tens
   FASTPIX2PIX_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
     using acc = acc_t<scalar_t>;
     const Normalization<acc> norm(mean, var, weight, bias, eps);
-    ChannelArray<acc> mean_dz(channels), centered_coef(channels);
+    std::optional<StatsGradient<acc>> stats_grad;
     if (training) {
-      mean_dz = ChannelArray<acc>(sum_dz, channels, acc(0));
-      centered_coef = ChannelArray<acc>(sum_dz_xhat, channels, acc(0));
+      stats_grad = StatsGradient<acc>{ChannelArray<acc>(sum_dz, channels, acc(0)),
+                                      ChannelArray<acc>(sum_dz_xhat, channels, acc(0))};
       for (int64_t c = 0; c < channels; ++c) {
-        mean_dz[c] /= acc(count);
-        centered_coef[c] *= norm.invstd[c] / acc(count);
+        stats_grad->mean_dz[c] /= acc(count);
+        stats_grad->centered_coef[c] *= norm.invstd[c] / acc(count);
       }
     }
-    bn_act_backward_apply_kernel<scalar_t>(grad, input, grad_x.buffer, grad_x.layout, norm, mean_dz,
-                                           centered_coef, negative_slope);
+    bn_act_backward_apply_kernel<scalar_t>(grad, input, grad_x.buffer, grad_x.layout, norm, stats_grad,
+                                           negative_slope);
   });
   return grad_x.finish();
 }

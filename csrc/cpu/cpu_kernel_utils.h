@@ -62,7 +62,9 @@ inline typename Vec::value_type sum_lanes(const Vec& v) {
 }
 
 // LeakyReLU with slope `negative_slope` (0: ReLU, 1: identity) and its derivative, as nn.LeakyReLU / nn.ReLU
-// compute them: z > 0 takes the positive branch, NaN propagates, ReLU(-inf) is 0 (not -inf * 0).
+// compute them: z > 0 takes the positive branch, NaN propagates, ReLU(-inf) is 0 (not -inf * 0). At a NaN z
+// the two derivatives differ, as PyTorch's do: ReLU's backward tests its output (out <= 0 gets 0, and NaN
+// compares false), so the gradient passes; LeakyReLU's tests z > 0, so it is scaled by the slope.
 template <typename Vec>
 struct Activation {
   Vec slope;
@@ -77,7 +79,10 @@ struct Activation {
 
   // grad_out times act'(z); only the sign of z is read (so the forward output serves when slope >= 0).
   Vec grad(const Vec& grad_out, const Vec& z) const {
-    return Vec::blendv(relu ? Vec(0) : grad_out * slope, grad_out, z > Vec(0));
+    if (relu) {
+      return Vec::blendv(grad_out, Vec(0), z <= Vec(0));  // selected, not multiplied: 0 for an inf grad_out
+    }
+    return Vec::blendv(grad_out * slope, grad_out, z > Vec(0));
   }
 };
 

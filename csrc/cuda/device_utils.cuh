@@ -75,10 +75,17 @@ struct VecAccess {
   using Piece = typename Bits<kPieceBytes>::type;
 };
 
+// Called with the address and size of every piece access. A GPU faults on a misaligned one by itself; the CPU
+// emulation (tests/cuda_emulation/emulation.h), on which x86 would read it silently, defines this to check.
+#ifndef FASTPIX2PIX_CHECK_ALIGNED_ACCESS
+#define FASTPIX2PIX_CHECK_ALIGNED_ACCESS(address, bytes)
+#endif
+
 template <int kV, typename T>
 __device__ __forceinline__ Vec<T, kV> load_vec(const T* base, int64_t offset) {
   using Access = VecAccess<T, kV>;
   const auto* source = reinterpret_cast<const typename Access::Piece*>(base + offset);
+  FASTPIX2PIX_CHECK_ALIGNED_ACCESS(source, Access::kPieceBytes);
   typename Access::Piece pieces[Access::kPieces];
 #pragma unroll
   for (int i = 0; i < Access::kPieces; ++i) {
@@ -95,6 +102,7 @@ __device__ __forceinline__ void store_vec(T* base, int64_t offset, const Vec<T, 
   typename Access::Piece pieces[Access::kPieces];
   memcpy(pieces, &value, Access::kBytes);
   auto* target = reinterpret_cast<typename Access::Piece*>(base + offset);
+  FASTPIX2PIX_CHECK_ALIGNED_ACCESS(target, Access::kPieceBytes);
 #pragma unroll
   for (int i = 0; i < Access::kPieces; ++i) {
     __stwb(target + i, pieces[i]);  // one st.global (default write-back policy) per piece, never split
@@ -124,14 +132,16 @@ __device__ __forceinline__ acc_t activate(acc_t z, acc_t slope) {
   return z * slope;
 }
 
-// grad * act'(z): act'(z) is 1 for z > 0 and `slope` otherwise, as PyTorch's leaky_relu_backward; for
-// ReLU the gradient is selected away (threshold_backward), so an inf gradient gives 0, not NaN.
+// grad * act'(z), as PyTorch's backward kernels take it. LeakyReLU (leaky_relu_backward): grad for z > 0,
+// else grad * slope, so a NaN z gets grad * slope. ReLU (threshold_backward, which tests the output): 0 for
+// out <= 0, else grad, so a NaN z (NaN output) passes the gradient, and an inf gradient where z <= 0 is
+// selected away (0, not inf * 0).
 template <typename acc_t>
 __device__ __forceinline__ acc_t activation_backward(acc_t grad, acc_t z, acc_t slope) {
-  if (z > acc_t(0)) {
-    return grad;
+  if (slope == acc_t(0)) {
+    return z <= acc_t(0) ? acc_t(0) : grad;
   }
-  return slope == acc_t(0) ? acc_t(0) : grad * slope;
+  return z > acc_t(0) ? grad : grad * slope;
 }
 
 // --- reductions -----------------------------------------------------------------------------------------

@@ -106,8 +106,8 @@ struct L1LossPass {
     for (int i = 0; i < kV; ++i) {
       const acc_t diff = static_cast<acc_t>(in.pred.val[i]) - static_cast<acc_t>(in.target.val[i]);
       acc.sum[0][i] += device_abs(diff);
-      // weight * sign(diff) / numel, sign(0) = 0; a NaN difference stays NaN (0 * NaN).
-      const acc_t sign = diff > acc_t(0) ? acc_t(1) : (diff < acc_t(0) ? acc_t(-1) : acc_t(0) * diff);
+      // weight * sign(diff) / numel, with torch.sign's sign(0) = sign(NaN) = 0 (abs's derivative in PyTorch).
+      const acc_t sign = diff > acc_t(0) ? acc_t(1) : (diff < acc_t(0) ? acc_t(-1) : acc_t(0));
       result.val[i] = static_cast<scalar_t>(sign * grad_scale);
     }
     if (grad != nullptr) {

@@ -6,9 +6,13 @@
 // when all have, the next phase starts. The order within a phase is shuffled, so that a missing barrier
 // (a thread reading what another writes in the same phase) shows as wrong results in some runs. Shared
 // memory is one buffer, poisoned (0xFF bytes: NaN floats) before each block and checked for writes past
-// the launch's dynamic size after it. Launch limits (threads per block, shared bytes, grid sizes) are
-// checked as the GPU would. What this cannot show: timing, memory coalescing, the GPU's memory model beyond
-// barriers, and code generation (tests/test_cuda_ops.py covers those on a GPU).
+// the launch's dynamic size after it.
+//
+// What would fault on a GPU fails here too, with a C++ exception from the launch: a block of more threads
+// than the kernels' launch bound (kBlockThreads, which every kernel of csrc/cuda declares in
+// __launch_bounds__), too much shared memory, a bad grid, and a vector load or store at an address that is
+// not a multiple of its size (x86 would do it silently). What this cannot show: timing, memory coalescing,
+// the GPU's memory model beyond barriers, and code generation (tests/test_cuda_ops.py covers those on a GPU).
 #pragma once
 
 #define FASTPIX2PIX_CUDA_EMULATION 1
@@ -18,8 +22,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -79,13 +85,22 @@ inline std::vector<std::vector<char>> stacks;
 inline Fiber* running = nullptr;
 inline std::function<void()> block_body;
 inline std::mt19937 shuffle_rng{12345};
+inline std::exception_ptr failure;  // what a thread of the running block threw
 
 inline void fiber_main() {
-  block_body();
+  // An exception must not unwind past the fiber's own stack (nothing there would catch it): it is kept
+  // for the launch to rethrow on the caller's stack.
+  try {
+    block_body();
+  } catch (...) {
+    failure = std::current_exception();
+  }
   running->done = true;  // returning resumes the scheduler (uc_link)
 }
 
-// Runs block_body on every thread of a block, phase by phase (a phase ends at __syncthreads).
+// Runs block_body on every thread of a block, phase by phase (a phase ends at __syncthreads), until all
+// have returned or one has thrown; in that case the others are abandoned where they wait (kernels hold
+// nothing that needs destroying) and the launch rethrows.
 inline void run_block(dim3 block) {
   const size_t threads = size_t{block.x} * block.y * block.z;
   fibers.assign(threads, Fiber{});
@@ -122,6 +137,9 @@ inline void run_block(dim3 block) {
       running = &fibers[t];
       thread_index = running->index;
       swapcontext(&scheduler, &running->context);
+      if (failure) {
+        return;
+      }
     }
   }
 }
@@ -129,6 +147,12 @@ inline void run_block(dim3 block) {
 // __syncthreads: this thread's phase ends; it resumes when every thread of the block has reached the
 // barrier or returned (as exited threads no longer take part on the GPU).
 inline void sync_threads() { swapcontext(&running->context, &scheduler); }
+
+// A GPU faults on a vector access whose address is not a multiple of its size.
+inline void check_aligned_access(const void* address, size_t bytes) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(address) % bytes == 0, "emulated kernel: misaligned ", bytes,
+              "-byte vector access at address ", address, " (a GPU faults: misaligned address)");
+}
 
 }  // namespace fastpix2pix::emulation
 
@@ -139,6 +163,9 @@ inline void sync_threads() { swapcontext(&running->context, &scheduler); }
 
 inline void __syncthreads() { ::fastpix2pix::emulation::sync_threads(); }
 
+#define FASTPIX2PIX_CHECK_ALIGNED_ACCESS(address, bytes) \
+  ::fastpix2pix::emulation::check_aligned_access(address, bytes)
+
 // The kernels' registrations compile (so that their signatures are checked) but register nothing: the
 // emulation module exposes the op functions directly.
 #undef TORCH_LIBRARY_IMPL
@@ -148,6 +175,13 @@ inline void __syncthreads() { ::fastpix2pix::emulation::sync_threads(); }
 namespace fastpix2pix::gpu {
 
 alignas(16) inline unsigned char block_shared_memory[emulation::kMaxSharedBytes];
+
+}  // namespace fastpix2pix::gpu
+
+// The kernels' building blocks, with the hooks above in place; launch_kernel reads their launch bound.
+#include "cuda/device_utils.cuh"
+
+namespace fastpix2pix::gpu {
 
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
@@ -162,8 +196,11 @@ void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
                    const Args&... args) {
   namespace emu = emulation;
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
-  TORCH_CHECK(threads >= 1 && threads <= 1024 && block.z <= 64, "emulated launch: bad block ", block.x, "x",
-              block.y, "x", block.z);
+  TORCH_CHECK(threads >= 1 && block.z <= 64, "emulated launch: bad block ", block.x, "x", block.y, "x",
+              block.z);
+  // Every kernel declares __launch_bounds__(kBlockThreads): a GPU refuses larger blocks of it.
+  TORCH_CHECK(threads <= static_cast<uint64_t>(kBlockThreads), "emulated launch: a block of ", threads,
+              " threads, above the kernels' launch bound of ", kBlockThreads);
   TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= 0x7fffffffu && grid.y <= 65535 &&
                   grid.z <= 65535,
               "emulated launch: bad grid ", grid.x, "x", grid.y, "x", grid.z);
@@ -179,6 +216,9 @@ void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
         std::memset(block_shared_memory, emu::kPoison, sizeof(block_shared_memory));
         emu::block_index = dim3(bx, by, bz);
         emu::run_block(block);
+        if (emu::failure) {
+          std::rethrow_exception(std::exchange(emu::failure, nullptr));
+        }
         for (size_t i = shared_bytes; i < sizeof(block_shared_memory); ++i) {
           TORCH_CHECK(block_shared_memory[i] == emu::kPoison,
                       "emulated launch: shared memory written at byte ", i, " past the launch's ",

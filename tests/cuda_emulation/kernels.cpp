@@ -8,6 +8,27 @@
 #include "cuda/bn_act.cu"
 #include "cuda/losses.cu"
 
+namespace fastpix2pix::emulation_tests {
+
+// One 16-byte vector of floats per thread, read at in + in_offset and written at out + out_offset: a test
+// of the emulation's own checks (misaligned for offsets that are not multiples of 4, oversized blocks).
+__global__ void __launch_bounds__(gpu::kBlockThreads)
+    copy_vectors_kernel(const float* in, int64_t in_offset, float* out, int64_t out_offset) {
+  const int64_t offset = static_cast<int64_t>(threadIdx.x) * 4;
+  gpu::store_vec<4>(out + out_offset, offset, gpu::load_vec<4>(in + in_offset, offset));
+}
+
+void copy_vectors(const at::Tensor& in, int64_t in_offset, const at::Tensor& out, int64_t out_offset,
+                  int64_t threads) {
+  TORCH_CHECK(in.is_contiguous() && in.scalar_type() == at::kFloat && out.is_contiguous() &&
+              out.scalar_type() == at::kFloat);
+  TORCH_CHECK(in_offset + threads * 4 <= in.numel() && out_offset + threads * 4 <= out.numel());
+  gpu::launch_kernel(copy_vectors_kernel, dim3(1), dim3(static_cast<unsigned>(threads)), 0,
+                     in.const_data_ptr<float>(), in_offset, out.mutable_data_ptr<float>(), out_offset);
+}
+
+}  // namespace fastpix2pix::emulation_tests
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace gpu = fastpix2pix::gpu;
   m.def("bn_stats", &gpu::bn_stats);
@@ -23,4 +44,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("l1_loss", &gpu::l1_loss);
   m.def("set_sm_count", [](int64_t count) { fastpix2pix::emulation::sm_count = count; });
   m.def("launches", [] { return fastpix2pix::emulation::launches; });
+  m.def("block_threads", [] { return gpu::kBlockThreads; });
+  m.def("copy_vectors", &fastpix2pix::emulation_tests::copy_vectors);
 }
