@@ -666,9 +666,9 @@ class FastTrainer(Trainer):
 
         if not (self.config.verify_graph and self_check_enabled()):
             return
-        problem = _graph_problem(verify_captured_step(step))
-        if problem is not None:
-            self.say(f"CUDA graph check failed ({problem}); training eagerly")
+        check = verify_captured_step(step)
+        if not check.passed:
+            self.say(f"CUDA graph check failed ({check.describe()}); training eagerly")
             step.graph = None
 
     def _log_window(self) -> dict[str, float] | None:
@@ -712,14 +712,6 @@ class FastTrainer(Trainer):
             if self._reached_max_iters():
                 return False
         return True
-
-
-def _graph_problem(result: Any) -> str | None:
-    """What a graph check found wrong, or None: :func:`verify_captured_step` returns a ``GraphCheck``
-    (``passed``, ``describe()``); a plain description or None is taken as it is."""
-    if result is None or isinstance(result, str):
-        return result
-    return None if result.passed else result.describe()
 
 
 class _PortableLoader:
