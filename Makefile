@@ -11,6 +11,7 @@ export MAX_JOBS ?= 2
 demo: build
 	$(PY) -m fastpix2pix info
 	$(PY) -m fastpix2pix demo
+	@echo "Draw on it in the browser: $(PY) -m fastpix2pix serve --name demo   (then open http://127.0.0.1:8000/)"
 
 test: build lint
 	$(PY) -m pytest -q
@@ -32,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" setuptools wheel
-	$(PY) -m pip install -q numpy pillow tqdm matplotlib pytest pytest-benchmark pytest-timeout ruff ninja scikit-image
+	$(PY) -m pip install -q numpy pillow tqdm matplotlib pytest pytest-benchmark pytest-timeout ruff ninja scikit-image selenium onnx onnxruntime onnxscript
 	touch $@
 
 # Rebuilds only what changed (ninja); the CUDA kernels are compiled whenever a toolkit is found.

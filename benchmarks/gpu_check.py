@@ -147,8 +147,8 @@ def stage_steps(stage: int, out: Path) -> list[Step]:
                     "--out",
                     str(out),
                 ],
-                timeout_s=200,
-                estimate_s=120,
+                timeout_s=160,
+                estimate_s=100,
             ),
             Step(
                 "bench_train",
@@ -170,8 +170,8 @@ def stage_steps(stage: int, out: Path) -> list[Step]:
                     "--out",
                     str(out),
                 ],
-                timeout_s=240,
-                estimate_s=150,
+                timeout_s=300,
+                estimate_s=180,
             ),
         ]
     raise ValueError(f"unknown stage {stage}")

@@ -7,9 +7,12 @@
     fastpix2pix demo    (synthetic data, a short training run, test, and the results page)
     fastpix2pix eval    results/facades/test_latest --train-parser   (L1, PSNR, SSIM, FCN-score)
     fastpix2pix info    (build record and devices)
+    fastpix2pix serve   --name facades   (draw a label map or an outline in the browser, see it translated)
+    fastpix2pix export  --name facades --format onnx --protocol eval   (ONNX / torch.export for deployment)
 
 Each command's options: ``fastpix2pix COMMAND --help``. Errors the user can fix (missing files, bad
-sizes, a diverging run) print one message and exit with status 1; set FASTPIX2PIX_DEBUG=1 for tracebacks.
+data, a diverging run) print one message and exit with status 1; ``--debug`` (or FASTPIX2PIX_DEBUG=1)
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from fastpix2pix.options import (
 
 __all__ = ["main"]
 
-COMMANDS = ("train", "test", "predict", "eval", "datasets", "demo", "info")
+COMMANDS = ("train", "test", "predict", "eval", "export", "serve", "datasets", "demo", "info")
 # Commands with a parser of their own: the rest of the command line goes to their `main(argv)`.
-SELF_PARSING = {"info": "fastpix2pix.info", "eval": "fastpix2pix.evaluate"}
+SELF_PARSING = {"info": "fastpix2pix.info", "eval": "fastpix2pix.evaluate", "export": "fastpix2pix.export"}
 USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError)
 
 
@@ -71,8 +74,9 @@ def _datasets(args: argparse.Namespace) -> int:
         print(f"dataset {args.dataset_name} in {data.download_dataset(args.dataset_name, args.root)}")
     elif args.action == "combine":
         counts = data.combine_ab(
-            args.fold_A, args.fold_B, args.fold_AB, use_ab_suffix=args.use_AB, max_images=args.num_imgs
-        )
+            args.fold_A, args.fold_B, args.fold_AB, use_ab_suffix=args.use_AB, max_images=args.num_imgs,
+            resize_b=args.resize_B is not None, method=args.resize_B or "bicubic",
+        )  # fmt: skip
         print(
             f"wrote {', '.join(f'{n} {phase}' for phase, n in counts.items())} A|B images to {args.fold_AB}"
         )
@@ -191,6 +195,12 @@ def _add_datasets_parser(commands: argparse._SubParsersAction) -> None:
     combine.add_argument("--fold_AB", required=True, help="output folder")
     combine.add_argument("--use_AB", action="store_true", help="pair x_A.ext with x_B.ext, writing x.ext")
     combine.add_argument("--num_imgs", type=float, default=float("inf"), help="at most this many per phase")
+    combine.add_argument(
+        "--resize_B",
+        choices=("bicubic", "bilinear", "nearest"),
+        help="resize each B image to its A image's size with this filter (nearest for label maps) instead of "
+        "stopping at the first size mismatch",
+    )
     synthetic = actions.add_parser("synthetic", help="generate the procedural facades-like dataset")
     synthetic.add_argument("--root", default="datasets/synthetic", help="output folder (train/ and test/)")
     synthetic.add_argument("--n_train", type=int, default=400, help="number of training pairs")
@@ -198,6 +208,16 @@ def _add_datasets_parser(commands: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--size", type=int, default=256, help="side of A and B in pixels")
     synthetic.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same bytes)")
     parser.set_defaults(run=_datasets)
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    from fastpix2pix.serve import ServeOptions, serve_command
+
+    parser = commands.add_parser(
+        "serve", help="draw an input in the browser and see the translation live",
+        description=ServeOptions.__doc__, formatter_class=HelpFormatter,
+    )  # fmt: skip
+    build_parser(ServeOptions, parser).set_defaults(run=serve_command)
 
 
 def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
@@ -232,9 +252,11 @@ def build_main_parser() -> argparse.ArgumentParser:
         )
         build_parser(options, sub).set_defaults(run=run)
     _add_datasets_parser(commands)
+    _add_serve_parser(commands)
     _add_demo_parser(commands)
     commands.add_parser("info", help="how fastpix2pix was built and which devices it sees", add_help=False)
     commands.add_parser("eval", help="L1/PSNR/SSIM and the facade FCN-score of test results", add_help=False)
+    commands.add_parser("export", help="a trained generator as an ONNX or torch.export file", add_help=False)
     return parser
 
 
@@ -246,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as error:
-        if os.environ.get("FASTPIX2PIX_DEBUG"):
+        if os.environ.get("FASTPIX2PIX_DEBUG") or getattr(args, "debug", False):
             raise
         print(f"fastpix2pix {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -12,7 +12,10 @@ real_A is the colour-coded label map, fake_B the generated photo and real_B the 
 
 Any dataset whose label side is colour-coded works, given its palette (``--palette facades``,
 ``synthetic`` or a JSON file of ``{"classes": [...], "palette": [[r, g, b], ...]}``) and a parser trained
-on its train split (``--parser-data``).
+on its train split (``--parser-data``). Other datasets (photo -> map, edges -> photo, ...) get L1, PSNR and
+SSIM, and the report says why there is no FCN-score: the label side is not a colour-coded map of the
+palette (:func:`label_map_coverage`), no parser is cached (``--train-parser`` trains one), no data to train
+it on, or ``--no-parser``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ import numpy as np
 import torch
 
 from fastpix2pix.data.images import read_image, to_channels
-from fastpix2pix.labelmaps import FACADES_CLASSES, FACADES_PALETTE, decode_labels
+from fastpix2pix.labelmaps import (
+    FACADES_CLASSES,
+    FACADES_PALETTE,
+    colour_residual,
+    decode_labels,
+    flat_pixel_mask,
+)
 from fastpix2pix.metrics import confusion_matrix, l1_error, psnr, segmentation_scores, ssim
 from fastpix2pix.parser_net import (
     PARSER_CONFIGS,
@@ -50,6 +59,7 @@ __all__ = [
     "evaluate_results",
     "find_result_images",
     "format_report",
+    "label_map_coverage",
     "main",
     "resolve_scheme",
 ]
@@ -144,6 +154,32 @@ def _read_rgb(paths: Sequence[Path]) -> np.ndarray:
 def _to_unit(images: np.ndarray) -> torch.Tensor:
     # float32 is exact enough (SSIM within 1e-7 of float64) and several times faster on CPUs.
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+
+
+# --- is the label side a colour-coded label map? ----------------------------------------------------
+
+# A label map's flat regions (interiors, away from JPEG and resize blur at edges) hold palette colours:
+# on the facades labels 99-100% of their flat pixels lie within this RGB distance of the nearest facades
+# colour, on the facades photos 0%, on the synthetic labels read with the facades palette 44%.
+LABEL_COLOUR_TOLERANCE = 12.0
+LABEL_MAP_COVERAGE = 0.9  # the share of flat pixels that must be near a palette colour
+_LABEL_SAMPLE = 16  # images looked at (spread over the folder): the answer is the same for all
+
+
+def label_map_coverage(paths: Sequence[Path], palette: np.ndarray) -> float:
+    """The share of the flat pixels of (up to 16 of) ``paths`` within :data:`LABEL_COLOUR_TOLERANCE` of a
+    ``palette`` colour: close to 1 for colour-coded label maps of that palette, near 0 for photos."""
+    chosen = [paths[i] for i in np.linspace(0, len(paths) - 1, min(len(paths), _LABEL_SAMPLE)).astype(int)]
+    near = flat = 0
+    for path in chosen:
+        image = to_channels(read_image(path), 3)
+        if image.dtype != np.uint8:
+            return 0.0
+        mask = flat_pixel_mask(image)
+        residual = colour_residual(image[mask], decode_labels(image[mask][None], palette)[0], palette)
+        near += int((residual <= LABEL_COLOUR_TOLERANCE).sum())
+        flat += int(mask.sum())
+    return near / flat if flat else 0.0
 
 
 # --- scores -----------------------------------------------------------------------------------------
@@ -261,6 +297,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"fake_B vs real_B: L1 {metrics['l1']:.4f} (fraction of full scale)  "
             f"PSNR {psnr_text} dB  SSIM {metrics['ssim']:.4f}"
         )
+    if report.get("fcn_score_skipped"):
+        lines.append(f"no FCN-score: {report['fcn_score_skipped']}")
     return "\n".join(lines)
 
 
@@ -277,7 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate the results first with this checkpoint (latest.pt, epoch_N.pt, <epoch>_net_G.pth, "
         "or an official *_net_G.pth); needs --dataroot",
     )
-    parser.add_argument("--dataroot", help="dataset of the generation (its test split is translated)")
+    parser.add_argument("--dataroot", help="dataset of the generation (its --phase split is translated)")
+    parser.add_argument(
+        "--phase",
+        default="test",
+        help="the split that --checkpoint translates and --train-parser alone scores (test, val, ...)",
+    )
     parser.add_argument(
         "--results_dir", "--results-dir", default="./results/", help="where --checkpoint writes its results"
     )
@@ -336,7 +379,8 @@ def _parser_data(args: argparse.Namespace, scheme: LabelScheme) -> Path:
         if root is not None:
             return root
     raise FileNotFoundError(
-        "the parser needs training data: pass --parser-data (a dataset with a train split)"
+        "no data to train the facade parser on: pass --parser-data DATASET (a train split of photo | "
+        "label map pairs in the --palette colours) or --dataroot"
     )
 
 
@@ -347,8 +391,10 @@ def _parser_config(args: argparse.Namespace, device: torch.device) -> ParserConf
     return dataclasses.replace(PARSER_CONFIGS[name], seed=args.parser_seed)
 
 
-def checkpoint_test_options(checkpoint: str, dataroot: str, results_dir: str, device: str) -> Any:
-    """TestOptions that make ``fastpix2pix test`` run ``checkpoint`` on ``dataroot``'s test split.
+def checkpoint_test_options(
+    checkpoint: str, dataroot: str, results_dir: str, device: str, phase: str = "test"
+) -> Any:
+    """TestOptions that make ``fastpix2pix test`` run ``checkpoint`` on ``dataroot``'s ``phase`` split.
 
     Files named as a run's (``<checkpoints_dir>/<name>/latest.pt``, ``epoch_N.pt``,
     ``latest_net_G.pth``, ``N_net_G.pth``, which is also how the official pretrained models are laid out)
@@ -361,7 +407,7 @@ def checkpoint_test_options(checkpoint: str, dataroot: str, results_dir: str, de
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path} does not exist")
     run = {"checkpoints_dir": str(path.parent.parent), "name": path.parent.name}
-    common = {"dataroot": dataroot, "results_dir": results_dir, "device": device}
+    common = {"dataroot": dataroot, "results_dir": results_dir, "device": device, "phase": phase}
     if path.name == "latest.pt":
         return TestOptions(**run, **common, epoch="latest")
     if match := re.fullmatch(r"epoch_(\d+)\.pt", path.name):
@@ -375,15 +421,56 @@ def _generate(args: argparse.Namespace, say: Callable[[str], None]) -> Path:
     from fastpix2pix.inference import run_test
 
     if not args.dataroot:
-        raise ValueError("--checkpoint needs --dataroot (the dataset whose test split it translates)")
-    result = run_test(
-        checkpoint_test_options(args.checkpoint, args.dataroot, args.results_dir, args.device), say=say
+        raise ValueError("--checkpoint needs --dataroot (the dataset whose --phase split it translates)")
+    options = checkpoint_test_options(
+        args.checkpoint, args.dataroot, args.results_dir, args.device, args.phase
     )
+    result = run_test(options, say=say)
     return result.folder
 
 
+def _why_no_fcn(args: argparse.Namespace, scheme: LabelScheme, images: ResultImages | None) -> str | None:
+    """Why the FCN-score cannot be computed before looking for a parser, or None."""
+    if args.no_parser:
+        return "--no-parser"
+    if images is None:
+        return None
+    coverage = label_map_coverage(images.paths[args.label_image], scheme.palette)
+    if coverage >= LABEL_MAP_COVERAGE:
+        return None
+    return (
+        f"{args.label_image} is not a colour-coded label map in the '{scheme.name}' palette (only "
+        f"{coverage:.0%} of its flat pixels have palette colours, {LABEL_MAP_COVERAGE:.0%} needed); the "
+        f"FCN-score parses generated photos into such maps (--palette names another label scheme)"
+    )
+
+
+def _load_parser(
+    args: argparse.Namespace, scheme: LabelScheme, config: ParserConfig, device: torch.device,
+    say: Callable[[str], None],
+) -> tuple[FacadeParser, Path, dict[str, Any]]:  # fmt: skip
+    """The cached (or, with --train-parser, newly trained) parser, the data it was trained on, its record.
+
+    Raises:
+        FileNotFoundError: no data to train it on, or not cached and --train-parser not given.
+    """
+    data = _parser_data(args, scheme)
+    say(f"facade parser: {config}")
+    started = time.perf_counter()
+    parser, path, info = load_or_train_parser(
+        data, scheme.palette, config, device=device, directory=args.cache_dir, train=args.train_parser,
+        log=say,
+    )  # fmt: skip
+    say(f"facade parser {path} ready in {time.perf_counter() - started:.0f} s")
+    return parser, data, {"path": str(path), "config": dataclasses.asdict(config), **_short(info)}
+
+
 def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """The ``eval`` command on parsed arguments; returns the report (also written as JSON)."""
+    """The ``eval`` command on parsed arguments; returns the report (also written as JSON).
+
+    L1, PSNR and SSIM are always reported for a results folder; the FCN-score when the label side is a
+    colour-coded map in the palette and a parser is available (else ``fcn_score_skipped`` says why).
+    """
     scheme = resolve_scheme(args.palette)
     device = _device(args.device)
     results = _generate(args, say) if args.checkpoint else (Path(args.results) if args.results else None)
@@ -391,28 +478,27 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
         raise ValueError(
             "nothing to evaluate: pass a results folder, --checkpoint with --dataroot, or --train-parser"
         )
+    images = find_result_images(results) if results is not None else None
     report: dict[str, Any] = {}
     parser = None
     config = _parser_config(args, device)
-    if not args.no_parser:
-        data = _parser_data(args, scheme)
-        say(f"facade parser: {config}")
-        started = time.perf_counter()
-        parser, path, info = load_or_train_parser(
-            data,
-            scheme.palette,
-            config,
-            device=device,
-            directory=args.cache_dir,
-            train=args.train_parser,
-            log=say,
-        )
-        say(f"facade parser {path} ready in {time.perf_counter() - started:.0f} s")
-        report["parser"] = {"path": str(path), "config": dataclasses.asdict(config), **_short(info)}
-        if results is None:
-            report["parser_on_real_test"] = evaluate_parser(parser, data, scheme, config.size)
+    skipped = _why_no_fcn(args, scheme, images)
+    if skipped is None:
+        try:
+            parser, data, report["parser"] = _load_parser(args, scheme, config, device, say)
+        except FileNotFoundError as error:
+            if images is None:  # only the parser was asked for: nothing else to report
+                raise
+            skipped = str(error)
+        else:
+            if images is None:
+                report["parser_on_real_test"] = evaluate_parser(
+                    parser, data, scheme, config.size, phase=args.phase
+                )
     if results is not None:
         report.update(evaluate_results(results, scheme, parser, config.size, label_visual=args.label_image))
+        if skipped is not None:
+            report["fcn_score_skipped"] = skipped
     output = (
         Path(args.output) if args.output else (Path(report["results"]) / "eval.json" if results else None)
     )

@@ -4,6 +4,9 @@ By default the generator runs as in the paper's test protocol: in train() mode, 
 with the test batch's statistics and dropout stays on. ``--eval`` uses the running statistics and no
 dropout instead. Train mode updates the BatchNorm running statistics of the in-memory model; that model
 is never saved here, so nothing leaks into a checkpoint.
+
+``--engine`` chooses what computes the generator (:mod:`fastpix2pix.engines`): ``torch`` (default) the
+fastest native path measured, ``onnxruntime`` the network exported to ONNX in an ONNX Runtime session.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from torch.utils.data import DataLoader, Subset
 
 from fastpix2pix.backend import default_backend
 from fastpix2pix.checkpoint import checkpoint_path, load_checkpoint, plain_network_path
+from fastpix2pix.engines import Engine, build_engine
+from fastpix2pix.export import min_size
 from fastpix2pix.options import ArchitectureOptions, PredictOptions, TestOptions, default_of
 from fastpix2pix.train import build_generator, resolve_data_source, resolve_device, seed_everything
 from fastpix2pix.visualize import HtmlPage, resize_for_aspect_ratio, tensor_to_image
@@ -137,7 +142,7 @@ def _check_size(dataset: Any, G: nn.Module) -> None:
 
 
 def _batches(
-    G: nn.Module, loader: DataLoader, device: torch.device
+    G: nn.Module | Engine, loader: DataLoader, device: torch.device
 ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
     with torch.no_grad():
         for batch in loader:
@@ -171,16 +176,20 @@ def run_test(opt: TestOptions, *, say: Any = print) -> TestResult:
     G, opt, source = load_generator(opt, device)
     dataroot, direction = resolve_data_source(opt.dataroot, opt.direction)
     opt = dataclasses.replace(opt, dataroot=str(dataroot), direction=direction)
-    seed_everything(opt.seed if opt.seed is not None else TEST_SEED)
+    seed = opt.seed if opt.seed is not None else TEST_SEED
+    seed_everything(seed)
     loader = split_loader(opt, G)
     set_inference_mode(G, opt.eval)
+    engine = build_engine(
+        G, opt.engine, eval_mode=opt.eval, device=device, seed=seed, batch_size=opt.batch_size
+    )
 
     folder = Path(opt.results_dir) / opt.name / f"{opt.phase}_{opt.epoch}"
     image_dir = folder / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     page = HtmlPage(f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {opt.epoch}")
     total_l1, count = 0.0, 0
-    for batch, fake_B in _batches(G, loader, device):
+    for batch, fake_B in _batches(engine, loader, device):
         real_B = batch["B"]
         per_image = (fake_B.float().cpu() - real_B).abs().mean(dim=(1, 2, 3))
         for i, path in enumerate(batch["A_paths"]):
@@ -199,11 +208,16 @@ def run_test(opt: TestOptions, *, say: Any = print) -> TestResult:
     mode = (
         "eval (running statistics, no dropout)" if opt.eval else "train mode (batch statistics, dropout on)"
     )
-    page.paragraph(f"{count} images from {opt.dataroot}/{opt.phase}; weights {source}; {mode}; L1 {l1:.4f}")
+    page.paragraph(
+        f"{count} images from {opt.dataroot}/{opt.phase}; weights {source}; {mode}; engine {opt.engine}; "
+        f"L1 {l1:.4f}"
+    )
     index = page.save(folder / "index.html")
-    metrics = {"images": count, "l1": l1, "weights": source, "mode": mode, "epoch": opt.epoch}
+    metrics = {
+        "images": count, "l1": l1, "weights": source, "mode": mode, "epoch": opt.epoch, "engine": opt.engine,
+    }  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    say(f"tested {count} images with {source} ({mode}): L1 {l1:.4f}; results page {index}")
+    say(f"tested {count} images with {source} ({mode}, engine {opt.engine}): L1 {l1:.4f}; page {index}")
     return TestResult(count, l1, folder, index)
 
 
@@ -227,16 +241,21 @@ def _reflect_pad(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
     return x
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def pad_to_multiple(
+    x: torch.Tensor, multiple: int, min_size: int = 0
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Reflect-pad an ``(N, C, H, W)`` batch so H and W are multiples of ``multiple``; also the original size.
 
-    Sides smaller than ``multiple`` are padded up to it (the U-Net needs at least one pixel at its
-    innermost level).
+    Sides smaller than ``multiple`` (or ``min_size``) are padded up to it (the U-Net needs at least one
+    pixel at its innermost level, a ResNet two).
     """
     height, width = x.shape[-2:]
-    target_h = max(multiple, -(-height // multiple) * multiple)
-    target_w = max(multiple, -(-width // multiple) * multiple)
+    target_h, target_w = (_padded_side(side, multiple, min_size) for side in (height, width))
     return _reflect_pad(x, target_h - height, target_w - width), (height, width)
+
+
+def _padded_side(side: int, multiple: int, min_size: int = 0) -> int:
+    return max(multiple, min_size, -(-side // multiple) * multiple)
 
 
 def predict_image(G: nn.Module, image: torch.Tensor) -> torch.Tensor:
@@ -258,25 +277,73 @@ def _output_paths(inputs: list[Path], opt: PredictOptions) -> list[Path]:
 
 
 def predict(opt: PredictOptions, *, say: Any = print) -> list[Path]:
-    """Translate ``opt.input`` (an image or a folder) and write the outputs; returns their paths."""
-    from fastpix2pix.data import list_images, read_image, save_image, to_channels, to_tensor
+    """Translate ``opt.input`` (an image or a folder) and write the outputs; returns their paths.
+
+    Under ``--eval``, consecutive images of the same padded size go through the engine together, up to
+    ``--batch_size``; under the paper's protocol each image is its own batch (its own statistics).
+    """
+    from fastpix2pix.data import list_images
 
     if not opt.input:
         raise ValueError("predict needs --input: an image file or a folder of images")
     source_path = Path(opt.input)
     if not source_path.exists():
         raise FileNotFoundError(f"--input {source_path} does not exist")
+    if opt.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {opt.batch_size}")
     device = resolve_device(opt.device)
     G, opt, source = load_generator(opt, device)
-    seed_everything(opt.seed if opt.seed is not None else TEST_SEED)
+    seed = opt.seed if opt.seed is not None else TEST_SEED
+    seed_everything(seed)
     set_inference_mode(G, opt.eval)
+    batch_size = opt.batch_size if opt.eval else 1
+    engine = build_engine(G, opt.engine, eval_mode=opt.eval, device=device, seed=seed, batch_size=batch_size)
     inputs = [source_path] if source_path.is_file() else list_images(source_path)
     outputs = _output_paths(inputs, opt)
-    for path, out in zip(inputs, outputs, strict=True):
-        image = to_tensor(to_channels(read_image(path), opt.input_nc)).to(device)
-        fake = predict_image(G, image)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(out, tensor_to_image(fake))
+    sizes = (int(G.size_multiple), min_size(G))
+    for group in _same_size_groups(inputs, outputs, opt.input_nc, sizes, batch_size, device):
+        _translate_group(engine, group, sizes)
     where = outputs[0].parent if len(outputs) > 1 else outputs[0]
-    say(f"wrote {len(outputs)} image(s) with {source} to {where}")
+    say(f"wrote {len(outputs)} image(s) with {source} (engine {opt.engine}) to {where}")
     return outputs
+
+
+def _same_size_groups(
+    inputs: list[Path],
+    outputs: list[Path],
+    channels: int,
+    sizes: tuple[int, int],
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[list[tuple[torch.Tensor, Path]]]:
+    """Consecutive (image, output path) pairs whose padded sizes agree, ``batch_size`` at most per group;
+    images are read as the groups are consumed (a folder is never held in memory at once)."""
+    from fastpix2pix.data import read_image, to_channels, to_tensor
+
+    group: list[tuple[torch.Tensor, Path]] = []
+    for path, out in zip(inputs, outputs, strict=True):
+        image = to_tensor(to_channels(read_image(path), channels)).to(device)
+        if group and (len(group) == batch_size or _padded(group[0][0], sizes) != _padded(image, sizes)):
+            yield group
+            group = []
+        group.append((image, out))
+    if group:
+        yield group
+
+
+def _padded(image: torch.Tensor, sizes: tuple[int, int]) -> tuple[int, int]:
+    """The ``(H, W)`` :func:`pad_to_multiple` makes of ``image`` with ``sizes = (multiple, min_size)``."""
+    height, width = (_padded_side(side, *sizes) for side in image.shape[-2:])
+    return height, width
+
+
+def _translate_group(engine: Engine, group: list[tuple[torch.Tensor, Path]], sizes: tuple[int, int]) -> None:
+    """One batch through the engine: every image padded (reflect), the outputs cropped back and saved."""
+    from fastpix2pix.data import save_image
+
+    padded, originals = zip(*(pad_to_multiple(image.unsqueeze(0), *sizes) for image, _ in group), strict=True)
+    with torch.no_grad():
+        fakes = engine(torch.cat(padded))
+    for fake, (height, width), (_, out) in zip(fakes, originals, group, strict=True):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(out, tensor_to_image(fake[:, :height, :width]))

@@ -5,8 +5,8 @@ Every option is declared once, as a dataclass field whose metadata holds its hel
 dataclass. Names and defaults are those of the official pix2pix code for ``--model pix2pix`` (which
 overrides the base defaults: ``--netG unet_256 --norm batch --gan_mode vanilla --lambda_L1 100``);
 fastpix2pix adds ``--device``, ``--backend``, ``--deterministic``, ``--seed``, ``--max_iters``,
-``--load_official``, and for training ``--fast_path``, ``--device_data``, ``--device_data_share``,
-``--no_self_check`` and ``--dist_timeout``.
+``--load_official``, ``--debug``, and for training ``--fast_path``, ``--device_data``,
+``--device_data_share``, ``--no_self_check`` and ``--dist_timeout``.
 
 Frequencies (``--print_freq``, ``--display_freq``, ``--save_latest_freq``) count training images, as the
 official ``total_iters`` does; an event fires whenever the count crosses a multiple of the frequency.
@@ -31,6 +31,7 @@ from fastpix2pix.models import DISCRIMINATORS, GENERATORS, INIT_TYPES, NORMS
 from fastpix2pix.reference import GAN_MODES
 
 LR_POLICIES = ("linear", "step", "plateau", "cosine")
+ENGINES = ("torch", "onnxruntime")  # test/predict --engine (fastpix2pix.engines)
 
 __all__ = [
     "ArchitectureOptions",
@@ -98,6 +99,10 @@ class RunOptions:
         "initialise the generator from an official pix2pix *_net_G.pth file (keys converted); "
         "test/predict: use that file instead of a checkpoint",
     )
+    debug: bool = option(
+        False,
+        "show errors with their full traceback (also a data-loading worker's) instead of one line",
+    )
 
 
 @dataclass
@@ -144,7 +149,11 @@ class DataLoadingOptions:
     serial_batches: bool = option(False, "take images in order instead of shuffling")
     max_dataset_size: float = option(math.inf, "use at most this many images of the folder (sorted by path)")
     batch_size: int = option(1, "input batch size")
-    num_threads: int = option(4, "number of data loading worker processes (0: load in the main process)")
+    num_threads: int = option(
+        4,
+        "number of data loading worker processes (0: load in the main process); training uses at most "
+        "the usable CPU count (divided among the processes of a machine under torchrun)",
+    )
 
 
 @dataclass
@@ -234,6 +243,12 @@ class TestOptions(DataLoadingOptions, ArchitectureOptions, RunOptions):
     )
     aspect_ratio: float = option(1.0, "width/height ratio of the saved result images")
     num_threads: int = option(0, "number of data loading worker processes (0: load in the main process)")
+    engine: str = option(
+        "torch",
+        "what computes the generator: torch (the fastest native path for the protocol) or onnxruntime (the "
+        "generator exported to ONNX; needs the [export] extra); both compute the same function",
+        ENGINES,
+    )
 
 
 @dataclass
@@ -247,6 +262,15 @@ class PredictOptions(ArchitectureOptions, RunOptions):
     results_dir: str = option("./results/", "default output goes to results_dir/name/predict")
     eval: bool = option(
         False, "use BatchNorm running statistics and no dropout (default: batch statistics and dropout on)"
+    )
+    engine: str = option(
+        "torch",
+        "what computes the generator: torch (the fastest native path for the protocol) or onnxruntime (the "
+        "generator exported to ONNX; needs the [export] extra); both compute the same function",
+        ENGINES,
+    )
+    batch_size: int = option(
+        1, "with --eval: images of the same size translated together (the paper protocol: one at a time)"
     )
 
 

@@ -284,11 +284,36 @@ def build_networks(opt: ArchitectureOptions, backend: str, device: torch.device)
 
 
 def build_optimizers(nets: Networks, opt: TrainOptions) -> Optimizers:
+    """Adam as the official code configures it (lr, betas (beta1, 0.999)); on CPU, its fused implementation.
+
+    Fused Adam computes the same update in one multithreaded pass per tensor; torch's default on CPU (the
+    for-loop) makes about ten single-threaded ones: for unet_256 that is ~35 ms instead of ~190 ms of every
+    iteration on 2 cores (``benchmarks/bench_train.py``, rows ``ours:fused:nchw:fused`` and ``:forloop``).
+    Elsewhere torch's default (foreach on CUDA). Checkpoints record the default implementation flags as
+    before, and loading one keeps this optimizer's own, so a checkpoint moves freely between trainers.
+    """
     betas = (opt.beta1, 0.999)
-    return Optimizers(
-        torch.optim.Adam(nets.G.parameters(), lr=opt.lr, betas=betas),
-        torch.optim.Adam(nets.D.parameters(), lr=opt.lr, betas=betas),
-    )
+    return Optimizers(*(_adam(list(net.parameters()), opt.lr, betas) for net in nets))
+
+
+def _adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
+    optimizer = torch.optim.Adam(params, lr=lr, betas=betas, fused=True if on_cpu else None)
+    if on_cpu:
+        optimizer.register_state_dict_post_hook(_record_default_adam_flags)
+        optimizer.register_load_state_dict_post_hook(_use_fused_adam)
+    return optimizer
+
+
+def _record_default_adam_flags(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    for group in state["param_groups"]:  # fresh dicts: the optimizer's own groups are untouched
+        group["fused"] = None
+    return state
+
+
+def _use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:  # load_state_dict put the checkpoint's flags here
+        group.update(fused=True, foreach=None, capturable=False)
 
 
 def linear_lr_factor(epoch_index: int, opt: TrainOptions) -> float:
@@ -396,6 +421,15 @@ def resolve_data_source(dataroot: str | None, direction: str, say: RunLog | None
     return root, direction
 
 
+def data_workers(requested: int) -> int:
+    """``--num_threads`` capped at the usable CPUs (shared by this machine's processes under torchrun):
+    more loader processes than cores only take them from the training process (and torch warns)."""
+    from fastpix2pix.data.check import usable_cpu_count
+
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(requested, max(1, usable_cpu_count() // max(1, processes)))
+
+
 def generator_size_multiple(G: nn.Module) -> int:
     return int(getattr(G, "size_multiple", 1))
 
@@ -495,12 +529,16 @@ class Trainer:
 
     def __init__(self, opt: TrainOptions, *, progress_bar: bool = True, stream: Any = None) -> None:
         self.run_dir = Path(opt.checkpoints_dir) / opt.name
+        new_run = not self.run_dir.exists()
         # Under torchrun: this process's rank, its device, the process group (None in a plain run).
         self.group = init_distributed(opt.device, opt.dist_timeout)
         try:
             self._setup(opt, progress_bar, stream)
         except BaseException:
             self.close()
+            if new_run and (self.group is None or self.group.rank == 0):
+                with contextlib.suppress(OSError):  # a failed start (e.g. bad data) leaves no empty folder
+                    self.run_dir.rmdir()
             raise
 
     def _setup(self, opt: TrainOptions, progress_bar: bool, stream: Any) -> None:
@@ -552,7 +590,11 @@ class Trainer:
             seed = self.group.broadcast_object(seed)
         with self._main_first():  # rank 0 generates the synthetic dataset; the others then find it
             dataroot, direction = resolve_data_source(opt.dataroot, opt.direction, self.say)
-        return replace(opt, seed=seed, backend=backend, dataroot=str(dataroot), direction=direction)
+        self.requested_workers = opt.num_threads
+        return replace(
+            opt, seed=seed, backend=backend, dataroot=str(dataroot), direction=direction,
+            num_threads=data_workers(opt.num_threads),
+        )  # fmt: skip
 
     def _build(self) -> None:
         """Data, networks (initialised from the seeded generator), optimizers, schedules, loss, state."""
@@ -560,7 +602,7 @@ class Trainer:
         self.dataset = self._build_dataset()
         self.nets = build_networks(opt, opt.backend, self.device)
         self.train_nets = self._wrap_for_ddp(self.nets)  # what train_step runs; self.nets stay bare
-        self._check_image_size()
+        self._check_data()
         self.optimizers = build_optimizers(self.nets, opt)
         self.schedulers = Optimizers(*(build_scheduler(o, opt) for o in self.optimizers))
         self.objective = Objective(opt.gan_mode, opt.lambda_L1, opt.backend)
@@ -660,14 +702,20 @@ class Trainer:
         )
         return AlignedDataset(opt.dataroot, opt.phase, options)
 
-    def _check_image_size(self) -> None:
-        """Fail before training if the preprocessed images cannot go through the generator."""
-        from fastpix2pix.data import check_size_for_generator, output_size
-        from fastpix2pix.data.images import image_size
+    def _check_data(self) -> None:
+        """Read every training file's header; on any problem stop before anything is written, listing
+        them all (one line per file); else say what was converted (:mod:`fastpix2pix.data.check`)."""
+        from fastpix2pix.data.check import check_dataset
 
-        width, height = image_size(self.dataset.paths[0])
-        width, height = output_size((width // 2, height), self.dataset.options)
-        check_size_for_generator(height, width, generator_size_multiple(self.nets.G))
+        self.data_report = check_dataset(
+            self.dataset.paths, self.dataset.options, folder=self.dataset.root,
+            size_multiple=generator_size_multiple(self.nets.G), batch_size=self.opt.batch_size,
+        )  # fmt: skip
+        error = self.data_report.error()
+        if error is not None:
+            raise error
+        for line in self.data_report.summary_lines():
+            self.say(line)
 
     def _build_loader(self) -> DataLoader:
         workers = 0 if self.opt.deterministic else self.opt.num_threads
@@ -929,15 +977,17 @@ class Trainer:
         opt = self.opt
         left = self._iterations_left()
         self.bar = ProgressBar(self.state.iteration + left, self.state.iteration, self.progress_bar_enabled)
-        self.say(
-            f"training {opt.netG} + {opt.netD} on {len(self.dataset)} images of {opt.dataroot}/{opt.phase} "
-            f"({self._where()}, backend {opt.backend}, seed {opt.seed}): {left} iterations"
-        )
+        self.say(self._start_summary(left))
         try:
             with determinism(opt.deterministic):
                 self._train_epochs()
             if self._saved_at != self.state.iteration:
                 self.save(("latest",))
+        except Exception as error:
+            stopped = self._stopped_by_data(error)
+            if stopped is None:
+                raise
+            raise stopped from error
         finally:
             self.bar.close()
             self.bar = None
@@ -945,6 +995,52 @@ class Trainer:
                 self.tensorboard.close()
             self.close()
         return self.state
+
+    def _start_summary(self, left: int) -> str:
+        """One line: data, size after preprocessing, batches per epoch, device, fast path and why."""
+        opt = self.opt
+        per_epoch = math.ceil(self._samples_per_rank() / opt.batch_size)
+        workers = f"{opt.num_threads} loader workers"
+        if opt.num_threads < self.requested_workers:
+            workers += f", capped from --num_threads {self.requested_workers} to the usable CPUs"
+        return (
+            f"training {opt.netG} + {opt.netD} on {len(self.dataset)} images of {opt.dataroot}/{opt.phase} "
+            f"({self.data_report.output_size_text()} after {opt.preprocess}, {per_epoch} batches of "
+            f"{opt.batch_size} per epoch, {workers}) on {self._where()}, {self._fast_path_text()}, backend "
+            f"{opt.backend}, seed {opt.seed}: {left} iterations"
+        )
+
+    def _fast_path_text(self) -> str:
+        from fastpix2pix.fast_train import FastTrainer  # it imports this module
+
+        choice = self.opt.fast_path
+        if isinstance(self, FastTrainer):
+            if choice == "on" or self.device.type != "cuda":
+                return f"fast path on (--fast_path {choice}, {self.device.type} device)"
+            return f"fast path on (--fast_path {choice}: one CUDA process)"
+        if choice == "off":
+            why = "--fast_path off"
+        elif self.world_size > 1:
+            why = f"{self.world_size} processes under torchrun; the fast path is single-GPU"
+        elif self.device.type != "cuda":
+            why = f"{self.device.type} device; the fast path is for CUDA"
+        else:
+            why = "the plain Trainer was built directly; `fastpix2pix train` chooses the fast path"
+        return f"fast path off ({why})"
+
+    def _stopped_by_data(self, error: Exception) -> Exception | None:
+        """A sample that failed to load (e.g. corrupt data after a valid header) as one line naming the
+        file, without the worker process's traceback (``--debug`` shows it); None for other errors."""
+        from fastpix2pix.data.check import DataLoadError, loading_error
+
+        failed = loading_error(error)
+        if failed is None:
+            return None
+        return DataLoadError(
+            f"{failed}; training stopped at epoch {self.state.epoch}, iteration {self.state.iteration}: the "
+            f"last checkpoint saved before it is kept (--debug shows the full error)",
+            failed.details,
+        )
 
     def _where(self) -> str:
         if self.group is None:

@@ -100,7 +100,7 @@ def test_preprocess_output_shapes(tmp_path, preprocess, half, expected):
     w, h = half
     write_ab(tmp_path / "train" / "0.png", random_rgb(h, w), random_rgb(h, w))
     opts = DataOptions(preprocess=preprocess, load_size=72, crop_size=64)
-    sample = AlignedDataset(tmp_path, "train", opts, allow_nonsquare=w != h)[0]
+    sample = AlignedDataset(tmp_path, "train", opts)[0]  # non-square halves need no flag
     assert sample["A"].shape == (3, *expected)
     assert sample["B"].shape == (3, *expected)
     assert sample["A"].dtype == torch.float32
@@ -147,6 +147,107 @@ def test_apply_matches_official_steps(preprocess, size):
         x, y = params.crop[:2] if params.crop else (0, 0)
         expected = np.asarray(_official_steps(Image.fromarray(img), opts, x, y, params.flip))
         np.testing.assert_array_equal(tensor_to_uint8(apply(img, params)), expected)
+
+
+def _official_normalize(img: Image.Image) -> torch.Tensor:
+    """torchvision's ToTensor + Normalize(0.5, 0.5) on a PIL image, as the official transform ends."""
+    array = np.asarray(img)
+    array = array[..., None] if array.ndim == 2 else array
+    return torch.from_numpy(array.transpose(2, 0, 1).copy()).float().div(255).sub(0.5).div(0.5)
+
+
+def _official_crop_range(opts: DataOptions, size: tuple[int, int]) -> tuple[int, int]:
+    """The largest crop offsets of the official ``get_params`` for an A half of ``size``."""
+    w, h = size
+    if opts.preprocess == "resize_and_crop":
+        w = h = opts.load_size
+    elif opts.preprocess == "scale_width_and_crop":
+        w, h = opts.load_size, opts.load_size * h // w
+    return max(0, w - opts.crop_size), max(0, h - opts.crop_size)
+
+
+def official_aligned_item(
+    path: Path, opts: DataOptions, x: int, y: int, flip: bool
+) -> dict[str, torch.Tensor]:
+    """The official ``AlignedDataset.__getitem__`` with Pillow calls, given its crop position and flip:
+    convert("RGB"), split at int(w / 2), then per side Grayscale (for nc 1) and get_transform's steps."""
+    ab = Image.open(path).convert("RGB")
+    w, h = ab.size
+    w2 = int(w / 2)
+    left, right = ab.crop((0, 0, w2, h)), ab.crop((w2, 0, w, h))
+    a, b = (right, left) if opts.direction == "BtoA" else (left, right)
+    sides = {}
+    for key, img, nc in (("A", a, opts.input_nc), ("B", b, opts.output_nc)):
+        img = img.convert("L") if nc == 1 else img  # transforms.Grayscale(1), the first step
+        sides[key] = _official_normalize(_official_steps(img, opts, x, y, flip))
+    return sides
+
+
+@pytest.mark.parametrize(
+    "preprocess", ["resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none"]
+)
+@pytest.mark.parametrize(
+    ("half", "channels", "direction"),
+    [
+        ((90, 70), (3, 3), "AtoB"),
+        ((70, 90), (1, 3), "BtoA"),
+        ((64, 64), (3, 1), "AtoB"),
+        ((98, 66), (1, 1), "BtoA"),
+    ],
+)
+def test_aligned_pairs_match_the_official_pipeline(tmp_path, preprocess, half, channels, direction):
+    """A|B files with square and non-square halves, every preprocess mode, grayscale sides, both
+    directions: the tensors equal the official AlignedDataset's bit for bit, and the crop offsets lie in
+    the official get_params range."""
+    w, h = half
+    path = write_ab(tmp_path / "train" / "0.png", random_rgb(h, w), random_rgb(h, w))
+    opts = DataOptions(
+        preprocess=preprocess, load_size=72, crop_size=64, input_nc=channels[0], output_nc=channels[1],
+        direction=direction, seed=5,
+    )  # fmt: skip
+    ds = AlignedDataset(tmp_path, "train", opts)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        ours = ds[0]
+        params = sample_params(half, opts, params_rng(5, epoch, 0))
+        x, y = params.crop[:2] if params.crop else (0, 0)
+        max_x, max_y = _official_crop_range(opts, half)
+        assert 0 <= x <= max_x and 0 <= y <= max_y
+        official = official_aligned_item(path, opts, x, y, params.flip)
+        for key in "AB":
+            assert ours[key].dtype == official[key].dtype == torch.float32
+            assert torch.equal(ours[key], official[key]), (key, epoch)
+
+
+def test_nonsquare_facades_pairs_match_the_official_pipeline(tmp_path):
+    """Non-square pairs cut from the real facades (JPEG, as users have them): bit-identical too."""
+    root = shared_facades_root()
+    if root is None:
+        pytest.skip("shared facades data not found (set FASTPIX2PIX_FACADES to its folder)")
+    (tmp_path / "train").mkdir()
+    for index, source in enumerate(sorted((root / "train").glob("*.jpg"))[:3]):
+        pair = read_image(source)
+        rows = (158, 200, 256)[index]  # 512x158, 512x200 and the original 512x256
+        halves = np.concatenate([pair[:rows, :256], pair[:rows, 256:]], axis=1)
+        Image.fromarray(halves).save(tmp_path / "train" / f"{index}.jpg", quality=90)
+    for preprocess in ("resize_and_crop", "scale_width_and_crop", "none"):
+        opts = DataOptions(direction="BtoA", preprocess=preprocess, load_size=143, crop_size=128, seed=1)
+        ds = AlignedDataset(tmp_path, "train", opts)
+        for index, path in enumerate(ds.paths):
+            width, height = image_size(path)
+            params = sample_params((width // 2, height), opts, params_rng(1, 0, index))
+            x, y = params.crop[:2] if params.crop else (0, 0)
+            official = official_aligned_item(path, opts, x, y, params.flip)
+            ours = ds[index]
+            assert torch.equal(ours["A"], official["A"]) and torch.equal(ours["B"], official["B"])
+
+
+def test_odd_width_named(tmp_path):
+    path = tmp_path / "train" / "odd.png"
+    path.parent.mkdir()
+    Image.fromarray(random_rgb(30, 41)).save(path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": width 41 is odd"):
+        AlignedDataset(tmp_path, "train")[0]
 
 
 def test_crop_and_flip_shared_and_follow_params(tmp_path):
@@ -372,12 +473,24 @@ def test_truncated_jpeg_raises(tmp_path, monkeypatch, cut, lenient_global):
     assert lenient_global == ImageFile.LOAD_TRUNCATED_IMAGES
 
 
-def test_wrong_aspect_named(tmp_path):
-    path = tmp_path / "train" / "single.png"
-    path.parent.mkdir()
-    Image.fromarray(random_rgb(30, 40)).save(path)
-    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*40x30"):
-        AlignedDataset(tmp_path, "train")[0]
+def test_nonsquare_halves_split_at_the_middle(tmp_path):
+    """A 40x30 file is two 20x30 halves, as the official code reads it (it used to be refused)."""
+    a, b = random_rgb(30, 20), random_rgb(30, 20)
+    write_ab(tmp_path / "train" / "pair.png", a, b)
+    left, right = AlignedDataset(tmp_path, "train", DataOptions(preprocess="none")).read_pair(0)
+    np.testing.assert_array_equal(left, a)
+    np.testing.assert_array_equal(right, b)
+
+
+def test_missing_split_lists_the_others(tmp_path):
+    write_ab(tmp_path / "train" / "0.png", random_rgb(8, 8), random_rgb(8, 8))
+    write_ab(tmp_path / "val" / "sub" / "0.png", random_rgb(8, 8), random_rgb(8, 8))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"has no 'test' split; its splits: train \(1 images\), val \(1 images\)\. "
+        r"Choose one with --phase, e.g. --phase train"
+    ):  # fmt: skip
+        AlignedDataset(tmp_path, "test")
 
 
 def test_crop_larger_than_image_named(tmp_path):

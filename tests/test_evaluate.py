@@ -213,9 +213,16 @@ def test_eval_command(
         str(tmp_path / "cache"),
     ]
     common += ["--device", "cpu"]
-    # No cached parser and no --train-parser: a clear error, exit status 1.
-    assert main([str(results), *common]) == 1
-    assert "--train-parser" in capsys.readouterr().err
+    # No cached parser and no --train-parser: L1/PSNR/SSIM, and why there is no FCN-score.
+    assert main([str(results), *common]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "PSNR" in printed
+        and "no FCN-score: no cached facade parser" in printed
+        and "--train-parser" in printed
+    )
+    report = json.loads((results / "images" / "eval.json").read_text())
+    assert "fcn_score" not in report and "--train-parser" in report["fcn_score_skipped"]
     assert main([str(results), *common, "--train-parser"]) == 0
     printed = capsys.readouterr().out
     assert "per-pixel acc" in printed and "generated photos (fake_B)" in printed and "PSNR" in printed
@@ -226,6 +233,63 @@ def test_eval_command(
     out = tmp_path / "parser.json"
     assert main([*common, "--train-parser", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["parser_on_real_test"]["images"] == 4
+
+
+def write_photo_results(folder: Path, root: Path) -> Path:
+    """Results of an AtoB run (photo -> labels): real_A is a photo, so there is no label map to score."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    for path in sorted((root / "test").glob("*.png")):
+        pair = np.asarray(Image.open(path).convert("RGB"))
+        photo, labels = pair[:, : pair.shape[1] // 2], pair[:, pair.shape[1] // 2 :]
+        save_image(images / f"{path.stem}_real_A.png", photo)
+        save_image(images / f"{path.stem}_real_B.png", labels)
+        save_image(images / f"{path.stem}_fake_B.png", np.full_like(labels, 100))
+    return folder
+
+
+def test_eval_without_a_label_side_reports_image_metrics(
+    tmp_path: Path, synthetic32: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The issue's case: results of a dataset that is not labels -> photo. No parser is looked for (none
+    trained), L1/PSNR/SSIM are reported, and the report says why there is no FCN-score."""
+
+    def no_parser(*args: object, **kwargs: object) -> None:
+        raise AssertionError("no parser is needed without a label map")
+
+    monkeypatch.setattr(evaluate_module, "load_or_train_parser", no_parser)
+    results = write_photo_results(tmp_path / "results", synthetic32)
+    assert main([str(results), "--palette", "synthetic", "--device", "cpu", "--train-parser"]) == 0
+    printed = capsys.readouterr().out
+    assert "L1" in printed and "PSNR" in printed and "SSIM" in printed
+    assert (
+        "no FCN-score: real_A is not a colour-coded label map in the 'synthetic' palette (only 0%" in printed
+    )
+    report = json.loads((results / "images" / "eval.json").read_text())
+    assert report["image_metrics"]["l1"] > 0 and "fcn_score" not in report
+    # A label map, but no data to train a parser on (no --parser-data, no --dataroot): the same.
+    assert main([str(write_results(tmp_path / "labels", synthetic32)), "--palette", "synthetic"]) == 0
+    assert (
+        "no FCN-score: no data to train the facade parser on: pass --parser-data" in capsys.readouterr().out
+    )
+
+
+def test_label_map_coverage_tells_label_maps_from_photos(tmp_path: Path, synthetic32: Path) -> None:
+    labels = write_results(tmp_path / "labels", synthetic32)
+    found = find_result_images(labels)
+    assert evaluate_module.label_map_coverage(found.paths["real_A"], SYNTHETIC.palette) == 1.0
+    assert evaluate_module.label_map_coverage(found.paths["real_B"], SYNTHETIC.palette) < 0.1
+    if FACADES is None:
+        return
+    facades = resolve_scheme("facades")
+    sides = {"labels": [], "photos": []}
+    for path in sorted((FACADES / "test").glob("*.jpg"))[:6]:  # the JPEG labels, blurred edges and all
+        pair = np.asarray(Image.open(path).convert("RGB"))
+        for name, half in (("photos", pair[:, :256]), ("labels", pair[:, 256:])):
+            sides[name].append(tmp_path / f"{name}_{path.stem}.png")
+            save_image(sides[name][-1], half)
+    assert evaluate_module.label_map_coverage(sides["labels"], facades.palette) > 0.95
+    assert evaluate_module.label_map_coverage(sides["photos"], facades.palette) < 0.05
 
 
 def test_checkpoint_test_options(tmp_path: Path) -> None:
@@ -241,7 +305,8 @@ def test_checkpoint_test_options(tmp_path: Path) -> None:
     plain = checkpoint_test_options(str(run / "7_net_G.pth"), "data", "out", "cpu")
     assert (plain.name, plain.epoch, plain.load_official) == ("exp", "7", None)
     loaded = checkpoint_test_options(str(official), "data", "out", "cpu")
-    assert loaded.load_official == str(official) and loaded.dataroot == "data"
+    assert loaded.load_official == str(official) and loaded.dataroot == "data" and loaded.phase == "test"
+    assert checkpoint_test_options(str(run / "latest.pt"), "data", "out", "cpu", "val").phase == "val"
     with pytest.raises(FileNotFoundError):
         checkpoint_test_options(str(run / "missing.pt"), "data", "out", "cpu")
 
@@ -259,20 +324,31 @@ def tiny_train_options(data: Path, checkpoints: Path, **changes: object) -> obje
 
 
 def test_eval_generates_results_from_a_checkpoint(
-    tmp_path: Path, synthetic32: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, synthetic32: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
+    """On a dataset with train and val splits only (as the official maps and edges2* archives): `test`
+    says which splits exist, `--phase val` tests and evaluates the val split."""
+    import shutil
+
+    from fastpix2pix.cli import main as cli_main
     from fastpix2pix.train import Trainer
 
+    data = tmp_path / "data"
+    shutil.copytree(synthetic32 / "train", data / "train")
+    shutil.copytree(synthetic32 / "test", data / "val")
     monkeypatch.setitem(evaluate_module.PARSER_CONFIGS, "cpu", TINY)
-    trainer = Trainer(
-        tiny_train_options(synthetic32, tmp_path / "checkpoints", max_iters=2), progress_bar=False
-    )
+    trainer = Trainer(tiny_train_options(data, tmp_path / "checkpoints", max_iters=2), progress_bar=False)
     trainer.fit()
-    args = ["--checkpoint", str(trainer.run_dir / "latest.pt"), "--dataroot", str(synthetic32)]
+    run = ["--name", "tiny", "--checkpoints_dir", str(tmp_path / "checkpoints"), "--dataroot", str(data)]
+    assert cli_main(["test", *run, "--device", "cpu", "--results_dir", str(tmp_path / "results")]) == 1
+    err = capsys.readouterr().err
+    assert "has no 'test' split; its splits: train (8 images), val (4 images)" in err and "--phase" in err
+    args = ["--checkpoint", str(trainer.run_dir / "latest.pt"), "--dataroot", str(data), "--phase", "val"]
     args += ["--results_dir", str(tmp_path / "results"), "--palette", "synthetic", "--device", "cpu"]
     args += ["--train-parser", "--cache-dir", str(tmp_path / "cache")]
     assert main(args) == 0
     found = find_result_images(tmp_path / "results")
+    assert found.folder == tmp_path / "results" / "tiny" / "val_latest" / "images"
     report = json.loads((found.folder / "eval.json").read_text())
     assert report["images"] == 4 and "generated" in report["fcn_score"]
 

@@ -159,8 +159,8 @@ def check_against(got: Trained, expected: Trained, bounds: dict[str, Bound], sab
 
 # --- the fast step against train_step ----------------------------------------------------------------
 
-# fp32, 3 iterations, the fast step (channels_last, foreach Adam, device data) against train_step (NCHW,
-# for-loop Adam). Measured, as a fraction of each tensor's largest magnitude, worst tensor, tiny ResNet,
+# fp32, 3 iterations, the fast step (channels_last, fused Adam, device data) against train_step (NCHW,
+# build_optimizers). Measured, as a fraction of each tensor's largest magnitude, worst tensor, tiny ResNet,
 # both backends: NCHW bit-identical (0 everywhere); channels_last, where oneDNN's NHWC convolutions round
 # differently, weights 1.0e-5 (a few ulp of a small BN bias; 1 ulp of a BN weight near 1 is 1.2e-7), BN
 # statistics 1.1e-6, Adam moments 1.7e-5 (exp_avg) and 1.2e-5 (exp_avg_sq). The bounds are 4-6x those.
@@ -181,7 +181,7 @@ FP32_BOUNDS = {
 def test_fast_trainer_iterations_equal_reference_train_step(
     tiny_data: Path, tmp_path: Path, backend: str, channels_last: bool, sabotaged: str | None
 ) -> None:
-    """N iterations of the fast trainer's step (device data, foreach Adam, no graph) equal train_step with
+    """N iterations of the fast trainer's step (device data, fused Adam, no graph) equal train_step with
     the plain trainer's Adam on the same batches and the same dropout draws, to fp32 rounding; a sabotaged
     fast trainer does not.
 
@@ -391,7 +391,7 @@ def test_checkpoints_continue_across_trainers(tiny_data: Path, tmp_path: Path) -
     assert fast.state.iteration == 2
     fast.fit()
     assert fast.state.iteration == 3
-    assert isinstance(fast.optimizers.G, torch.optim.Adam) and fast.optimizers.G.param_groups[0]["foreach"]
+    assert isinstance(fast.optimizers.G, torch.optim.Adam) and fast.optimizers.G.param_groups[0]["fused"]
 
 
 def test_plain_checkpoint_loads_moments_in_the_parameters_layout(tiny_data: Path, tmp_path: Path) -> None:
@@ -399,7 +399,8 @@ def test_plain_checkpoint_loads_moments_in_the_parameters_layout(tiny_data: Path
     are converted to the fast trainer's channels_last weights when loaded."""
     opt = tiny_options(tiny_data, tmp_path, max_iters=1)
     Trainer(opt, progress_bar=False).fit()
-    fast = FastTrainer(dataclasses.replace(opt, continue_train=True), cpu_config(), progress_bar=False)
+    config = cpu_config(channels_last=True)  # the CUDA layout (the CPU default is NCHW)
+    fast = FastTrainer(dataclasses.replace(opt, continue_train=True), config, progress_bar=False)
     converted = 0
     for optimizer in fast.optimizers:
         for param in (p for group in optimizer.param_groups for p in group["params"]):

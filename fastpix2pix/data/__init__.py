@@ -1,10 +1,11 @@
-"""Data for pix2pix: aligned A|B datasets, single images, the embedded synthetic facades, tools.
+"""Data for pix2pix: aligned A|B datasets, single images, the data check, the synthetic facades, tools.
 
 The augmentation is exposed as pure functions (:func:`sample_params`, :func:`apply`) so that other
 implementations can be checked against it on identical random draws.
 """
 
-from fastpix2pix.data.aligned import AlignedDataset, split_ab
+from fastpix2pix.data.aligned import AlignedDataset, list_splits, split_ab, split_folder
+from fastpix2pix.data.check import DataCheckError, DataLoadError, DataReport, check_dataset
 from fastpix2pix.data.combine import combine_ab
 from fastpix2pix.data.download import (
     OFFICIAL_DATASETS,
@@ -60,12 +61,16 @@ __all__ = [
     "SYNTHETIC_PALETTE",
     "AlignedDataset",
     "AugmentParams",
+    "DataCheckError",
+    "DataLoadError",
     "DataOptions",
+    "DataReport",
     "DownloadError",
     "ImageReadError",
     "SingleImageDataset",
     "UnsafeArchiveError",
     "apply",
+    "check_dataset",
     "check_size_for_generator",
     "combine_ab",
     "download_dataset",
@@ -75,6 +80,7 @@ __all__ = [
     "image_size",
     "is_image_file",
     "list_images",
+    "list_splits",
     "output_size",
     "params_rng",
     "read_image",
@@ -84,6 +90,7 @@ __all__ = [
     "save_image",
     "shared_facades_root",
     "split_ab",
+    "split_folder",
     "synthetic_pair",
     "to_channels",
     "to_tensor",

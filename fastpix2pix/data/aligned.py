@@ -8,29 +8,73 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastpix2pix.data.images import list_images, read_image, to_channels
+from fastpix2pix.data.images import is_image_file, list_images, read_image, to_channels
 from fastpix2pix.data.transforms import DataOptions, SeededDataset, apply
 
 
-def split_ab(
-    image: np.ndarray, path: str | os.PathLike[str], allow_nonsquare: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split an ``(H, 2W, C)`` array into its left and right halves.
+def split_problem(width: int) -> str | None:
+    """Why a file ``width`` pixels wide cannot be split into A|B halves, or None if it can.
 
-    The halves must be square (width = 2 x height) as in every official dataset, which catches a folder
-    of unpaired images early; ``allow_nonsquare`` only requires an even width.
+    As the official code, any even width splits at ``width / 2``; the halves need not be square (e.g.
+    512x158 holds two 256x158 halves). An odd width would give halves of different widths, which the
+    official code silently accepts (``int(w / 2)``) and then resizes apart: here it is an error.
     """
-    h, w = image.shape[:2]
-    if allow_nonsquare:
-        if w % 2:
-            raise ValueError(f"{path}: width {w} is odd, so it cannot be split into equal A and B halves")
-    elif w != 2 * h:
-        raise ValueError(
-            f"{path}: size {w}x{h} (WxH) is not an A|B pair: the width must be twice the height "
-            f"(e.g. 512x256), with A on the left and B on the right"
-        )
-    half = w // 2
+    if width < 2:
+        return f"width {width} leaves nothing for the A and B halves"
+    if width % 2:
+        return f"width {width} is odd, so it cannot be split into equal A and B halves"
+    return None
+
+
+def split_ab(
+    image: np.ndarray, path: str | os.PathLike[str], allow_nonsquare: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split an ``(H, W, C)`` array at ``W / 2`` into its left and right halves (any even width).
+
+    ``allow_nonsquare`` is accepted for compatibility and ignored: non-square halves are always allowed,
+    as in the official code.
+
+    Raises:
+        ValueError: the width is odd (or below 2); the message names ``path``.
+    """
+    del allow_nonsquare
+    width = image.shape[1]
+    problem = split_problem(width)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem} (an A|B file holds A on the left and B on the right)")
+    half = width // 2
     return image[:, :half], image[:, half:]
+
+
+def list_splits(root: str | os.PathLike[str]) -> dict[str, int]:
+    """The splits of a dataset folder: its subfolders that hold images, with their image counts."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    splits = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        count = sum(is_image_file(name) for _, _, names in os.walk(folder) for name in names)
+        if count:
+            splits[folder.name] = count
+    return splits
+
+
+def split_folder(root: str | os.PathLike[str], phase: str) -> Path:
+    """``root / phase``, or a FileNotFoundError that lists the splits ``root`` does have."""
+    folder = Path(root) / phase
+    if folder.is_dir():
+        return folder
+    splits = list_splits(root)
+    if not splits:
+        raise FileNotFoundError(
+            f"image directory {folder} does not exist, nor any other split of {root}: expected subfolders "
+            f"such as train/ and test/ holding A|B images"
+        )
+    listed = ", ".join(f"{name} ({count} images)" for name, count in splits.items())
+    raise FileNotFoundError(
+        f"image directory {folder} does not exist: {root} has no '{phase}' split; its splits: {listed}. "
+        f"Choose one with --phase, e.g. --phase {next(iter(splits))}"
+    )
 
 
 class AlignedDataset(SeededDataset):
@@ -39,7 +83,9 @@ class AlignedDataset(SeededDataset):
     ``A`` is the generator's input: the left half for ``direction="AtoB"``, the right half for ``"BtoA"``
     (the official code swaps in the model instead; the tensors reaching the networks are the same).
     ``A`` has ``options.input_nc`` channels and ``B`` ``options.output_nc``. Both get one shared
-    resize/crop/flip drawn from ``(options.seed, epoch, index)``.
+    resize/crop/flip drawn from ``(options.seed, epoch, index)``. Halves need not be square: every
+    preprocess mode treats them as the official code does (see :mod:`fastpix2pix.data.transforms`).
+    ``allow_nonsquare`` is accepted for compatibility and ignored.
     """
 
     def __init__(
@@ -48,11 +94,11 @@ class AlignedDataset(SeededDataset):
         phase: str = "train",
         options: DataOptions | None = None,
         *,
-        allow_nonsquare: bool = False,
+        allow_nonsquare: bool = True,
     ) -> None:
         super().__init__(options or DataOptions())
-        self.root = Path(dataroot) / phase
-        self.allow_nonsquare = allow_nonsquare
+        del allow_nonsquare
+        self.root = split_folder(dataroot, phase)
         self.paths = list_images(self.root, self.options.max_dataset_size)
 
     def __len__(self) -> int:
@@ -61,7 +107,7 @@ class AlignedDataset(SeededDataset):
     def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The un-augmented ``(A, B)`` arrays of sample ``index`` (direction and channels applied)."""
         path = self.paths[index]
-        left, right = split_ab(read_image(path), path, self.allow_nonsquare)
+        left, right = split_ab(read_image(path), path)
         a, b = (right, left) if self.options.direction == "BtoA" else (left, right)
         return to_channels(a, self.options.input_nc), to_channels(b, self.options.output_nc)
 

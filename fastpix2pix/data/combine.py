@@ -81,7 +81,8 @@ def combine_pair(path_a: Path, path_b: Path, resize_b: bool = False, method: str
         if not resize_b:
             raise ValueError(
                 f"size mismatch: {path_a} is {a.shape[1]}x{a.shape[0]} but {path_b} is "
-                f"{b.shape[1]}x{b.shape[0]} (WxH); pass resize_b=True to resize B to A's size"
+                f"{b.shape[1]}x{b.shape[0]} (WxH); pass resize_b=True (`fastpix2pix datasets combine "
+                f"--resize_B bicubic`, or nearest for label maps) to resize B to A's size"
             )
         b = resize_image(b, (a.shape[1], a.shape[0]), method)
     return np.concatenate([a, b], axis=1)
