@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -60,7 +59,7 @@ from bench_train import (  # noqa: E402  (the machine helpers shared by the CPU 
     cpu_peak_gflops,
     environment,
     heavy_processes,
-    quantiles,
+    round_statistics,
     wait_until_quiet,
 )
 
@@ -225,26 +224,11 @@ def measure_config(args: argparse.Namespace, protocol: str, size: int, batch: in
 def summarise(
     row: Row, times: dict[str, list[float]], base_output: torch.Tensor, batch: int, gflop: float, args
 ) -> dict[str, Any]:
-    own, base = times[row.name], times[BASELINE]
-    ratios = [b / t for b, t in zip(base, own, strict=True)]
-    median, p20, p80 = quantiles(own)
-    ratio, ratio_p20, ratio_p80 = quantiles(ratios)
     return {
         "row": row.name,
-        "median_ms": median,
-        "p20_ms": p20,
-        "p80_ms": p80,
-        "images_per_s": batch * 1e3 / median,
-        "gflops": gflop / (median / 1e3),
-        "fraction_of_peak": gflop / (median / 1e3) / args.peak["gflops"] if args.peak else None,
-        "ratio_vs_baseline_median_of_rounds": ratio,
-        "ratio_vs_baseline_p20": ratio_p20,
-        "ratio_vs_baseline_p80": ratio_p80,
-        "ratio_of_medians": statistics.median(base) / median,
-        "rounds_faster_than_baseline": sum(r > 1 for r in ratios),
+        **round_statistics(times[row.name], times[BASELINE], batch, gflop, args.peak),
         "first_s": row.first_s,
         "max_abs_diff_vs_baseline": float((row.output - base_output).abs().max()),
-        "raw_ms": own,
     }
 
 

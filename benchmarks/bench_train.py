@@ -620,33 +620,42 @@ def measure_batch(args: argparse.Namespace, device: torch.device, batch: int) ->
     }
 
 
-def summarise(
-    row: Row, times: dict[str, list[float]], batch: int, gflop: float, device, args
+def round_statistics(
+    own: list[float], base: list[float], batch: int, gflop: float, peak: dict | None
 ) -> dict[str, Any]:
-    own, base = times[row.name], times[BASELINE]
+    """One row's times against the baseline's, round by round (the rows were interleaved): medians with
+    20th/80th percentiles, the per-round ratios' median and spread, throughput and the fraction of peak."""
     ratios = [b / t for b, t in zip(base, own, strict=True)]
     median, p20, p80 = quantiles(own)
     ratio, ratio_p20, ratio_p80 = quantiles(ratios)
-    record: dict[str, Any] = {
-        "row": row.name,
-        "note": row.note,
+    return {
         "median_ms": median,
         "p20_ms": p20,
         "p80_ms": p80,
         "images_per_s": batch * 1e3 / median,
         "gflops": gflop / (median / 1e3),
-        "fraction_of_peak": gflop / (median / 1e3) / args.peak["gflops"] if args.peak else None,
+        "fraction_of_peak": gflop / (median / 1e3) / peak["gflops"] if peak else None,
         "ratio_vs_baseline_median_of_rounds": ratio,
         "ratio_vs_baseline_p20": ratio_p20,
         "ratio_vs_baseline_p80": ratio_p80,
         "ratio_of_medians": statistics.median(base) / median,
         "rounds_faster_than_baseline": sum(r > 1 for r in ratios),
-        "first_losses": dict(zip(LOSS_NAMES, row.first_losses, strict=True)),
         "raw_ms": own,
+    }
+
+
+def summarise(
+    row: Row, times: dict[str, list[float]], batch: int, gflop: float, device, args
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "row": row.name,
+        "note": row.note,
+        **round_statistics(times[row.name], times[BASELINE], batch, gflop, args.peak),
+        "first_losses": dict(zip(LOSS_NAMES, row.first_losses, strict=True)),
     }
     standard = args.netG == "unet_256" and args.size == 256 and device.type == "cuda"
     floor = FLOOR_MS.get(batch)
-    record["fraction_of_floor"] = floor / median if standard and floor else None
+    record["fraction_of_floor"] = floor / record["median_ms"] if standard and floor else None
     return record
 
 
