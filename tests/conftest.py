@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from pair_files import write_pair
+from tiny_run import train_tiny
 
 from fastpix2pix.data.synthetic import generate_synthetic_facades
 
@@ -27,6 +29,24 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_synthetic_facades(
         tmp_path_factory.mktemp("synthetic32"), n_train=4, n_test=2, size=32, seed=0
     )
+
+
+@pytest.fixture(scope="module")
+def mixed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Halves of 32x32, 40x40 and 32x48 (WxH): square ones of two sizes, and one of another aspect."""
+    root = tmp_path_factory.mktemp("mixed")
+    for k, size in enumerate([(32, 32), (40, 40), (32, 48)]):
+        write_pair(root / "train" / f"{k}.png", size, seed=k)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset root with 3 test pairs, checkpoints_dir of a 1-epoch tiny ResNet run named "tiny")."""
+    root = tmp_path_factory.mktemp("run")
+    data = generate_synthetic_facades(root / "data", n_train=3, n_test=3, size=32, seed=0)
+    train_tiny(data, root / "checkpoints")
+    return data, root / "checkpoints"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -17,12 +17,11 @@ from torch import nn
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from test_inference import train_tiny  # a 1-epoch tiny ResNet run
 from test_models import _randomise
 
 from fastpix2pix import deploy, engines
 from fastpix2pix.cli import main
-from fastpix2pix.data import generate_synthetic_facades, read_image, to_tensor
+from fastpix2pix.data import read_image, to_tensor
 from fastpix2pix.inference import pad_to_multiple, predict, run_test
 from fastpix2pix.models import define_G
 from fastpix2pix.options import PredictOptions, TestOptions
@@ -32,15 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(dataset root with 3 test pairs, checkpoints_dir of a 1-epoch tiny ResNet run named "tiny")."""
-    root = tmp_path_factory.mktemp("run")
-    data = generate_synthetic_facades(root / "data", n_train=3, n_test=3, size=32, seed=0)
-    train_tiny(data, root / "checkpoints")
-    return data, root / "checkpoints"
 
 
 @pytest.fixture(scope="module")

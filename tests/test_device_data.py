@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pair_files import write_pair
 from PIL import Image
 
 from fastpix2pix import device_data
@@ -553,28 +554,6 @@ def test_batch_source_flags(synthetic_root):
 
 # ----------------------------------------------------------------------------------------------------------
 # The footprint estimate and the choice of source
-
-
-def write_pair(path: Path, size: tuple[int, int], seed: int = 0, bits: int = 8) -> None:
-    """An A|B file whose halves are ``size = (width, height)``, 8-bit RGB or 16-bit RGB PNG."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if bits == 16:
-        halves = rng.integers(0, 65536, (2, height, width, 3), dtype=np.uint16)
-        path.write_bytes(encode_png16(np.concatenate(list(halves), axis=1)))
-        return
-    halves = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
-    Image.fromarray(np.concatenate(list(halves), axis=1)).save(path)
-
-
-@pytest.fixture(scope="module")
-def mixed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Halves of 32x32, 40x40 and 32x48 (WxH): square ones of two sizes, and one of another aspect."""
-    root = tmp_path_factory.mktemp("mixed")
-    for k, size in enumerate([(32, 32), (40, 40), (32, 48)]):
-        write_pair(root / "train" / f"{k}.png", size, seed=k)
-    return root
 
 
 ESTIMATE_OPTIONS = {

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from tiny_run import assert_same
 from tiny_run import tiny_options as shared_tiny_options
 
 import fastpix2pix.selfcheck as selfcheck
@@ -453,22 +454,6 @@ def test_fast_path_resume_is_bit_exact(
     for key in ("G", "D", "optimizer_G", "optimizer_D", "epoch", "epoch_iter", "iteration", "data_source"):
         assert_same(a[key], b[key], key)
     assert_same(a["rng"]["torch"], b["rng"]["torch"], "rng")
-
-
-def assert_same(a: object, b: object, where: str) -> None:
-    """Recursive bit-for-bit equality of saved states."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def test_device_data_options_reach_the_planner(

@@ -10,35 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_run import train_tiny
 
 from fastpix2pix.data import generate_synthetic_facades, read_image
 from fastpix2pix.inference import load_generator, pad_to_multiple, predict, run_test
-from fastpix2pix.options import PredictOptions, TestOptions, TrainOptions
-from fastpix2pix.train import Trainer
+from fastpix2pix.options import PredictOptions, TestOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REF = "reference"
-
-
-def train_tiny(data: Path, checkpoints: Path, **changes: object) -> Path:
-    opt = TrainOptions(
-        dataroot=str(data), direction="BtoA", name="tiny", checkpoints_dir=str(checkpoints),
-        netG="resnet_6blocks", ngf=4, ndf=4, load_size=36, crop_size=32, n_epochs=1, n_epochs_decay=0,
-        num_threads=0, backend=REF, device="cpu", seed=5, print_freq=100, display_freq=100,
-    )  # fmt: skip
-    trainer = Trainer(dataclasses.replace(opt, **changes), progress_bar=False)
-    trainer.fit()
-    return trainer.run_dir
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(dataset root with 3 test pairs, checkpoints_dir of a 1-epoch tiny ResNet run named "tiny")."""
-    root = tmp_path_factory.mktemp("run")
-    data = generate_synthetic_facades(root / "data", n_train=3, n_test=3, size=32, seed=0)
-    train_tiny(data, root / "checkpoints")
-    return data, root / "checkpoints"
 
 
 def options_for_test(trained: tuple[Path, Path], results: Path, **changes: object) -> TestOptions:

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from tiny_run import tiny_options
+from tiny_run import assert_same, tiny_options
 
 from fastpix2pix import cli
 from fastpix2pix.checkpoint import checkpoint_path, load_checkpoint, stale_temporaries
@@ -91,21 +90,6 @@ def kill_mid_epoch(argv: list[str], run_dir: Path) -> dict:
         log.close()
     output = (run_dir.parent / "killed_run.out").read_text()[-2000:]
     pytest.fail(f"no mid-epoch checkpoint caught before the run ended (exit {process.returncode}):\n{output}")
-
-
-def assert_same(a: object, b: object, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.mark.parametrize("fast_path", ["off", "on"])

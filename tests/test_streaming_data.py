@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from pair_files import write_pair
 from torch.utils.data import DataLoader
 
 from fastpix2pix.data import (
@@ -24,7 +23,6 @@ from fastpix2pix.data import (
     params_rng,
     sample_params,
 )
-from fastpix2pix.data.images import encode_png16
 from fastpix2pix.device_data import DeviceDataset, plan_batch_source
 from fastpix2pix.streaming_data import StreamingDataset, sample_rng
 from fastpix2pix.train import EpochSampler
@@ -40,28 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_synthetic_facades(tmp_path_factory.mktemp("synthetic"), n_train=6, n_test=0, size=SIZE)
-
-
-def write_pair(path: Path, size: tuple[int, int], seed: int = 0, bits: int = 8) -> None:
-    """An A|B file whose halves are ``size = (width, height)``, 8-bit RGB or 16-bit RGB PNG."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if bits == 16:
-        halves = rng.integers(0, 65536, (2, height, width, 3), dtype=np.uint16)
-        path.write_bytes(encode_png16(np.concatenate(list(halves), axis=1)))
-        return
-    halves = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
-    Image.fromarray(np.concatenate(list(halves), axis=1)).save(path)
-
-
-@pytest.fixture(scope="module")
-def mixed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Halves of 32x32, 40x40 and 32x48 (WxH)."""
-    root = tmp_path_factory.mktemp("mixed")
-    for k, size in enumerate([(32, 32), (40, 40), (32, 48)]):
-        write_pair(root / "train" / f"{k}.png", size, seed=k)
-    return root
 
 
 def plain_batches(dataset: AlignedDataset, batch_size: int, epoch: int, start: int = 0) -> list[dict]:
