@@ -54,11 +54,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the official structure's re-creation lives with the tests that check it
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (  # noqa: E402  (the machine helpers shared by the CPU benchmarks)
-    OthersCpu,
     cpu_info,
     cpu_peak_gflops,
     environment,
     heavy_processes,
+    interleaved_rounds,
     round_statistics,
     wait_until_quiet,
 )
@@ -172,42 +172,14 @@ def measure_config(args: argparse.Namespace, protocol: str, size: int, batch: in
         except Exception as error:  # a failing candidate must not lose the others
             skipped.append({"row": name, "skipped": f"{type(error).__name__}: {error}"[:400]})
     base_output = rows[0].output
-    times: dict[str, list[float]] = {row.name: [] for row in rows}
-    shares: list[float | None] = []
-    discarded = 0
-    others = OthersCpu()
     with torch.no_grad():
         for _ in range(args.warmup):
             for row in rows:
                 row.run()
-        started = time.monotonic()
-        while len(shares) < args.rounds:
-            if time.monotonic() - started > args.max_seconds and len(shares) >= args.min_rounds:
-                break
-            r = len(shares)
-            order = rows[r % len(rows) :] + rows[: r % len(rows)]
-            others.start()
-            this_round = {}
-            for row in order:
-                t0 = time.perf_counter()
-                row.run()
-                this_round[row.name] = (time.perf_counter() - t0) * 1e3
-            share = others.stop()
-            line = ", ".join(f"{n} {this_round[n]:.0f}" for n in times)
-            if (
-                args.max_others is not None
-                and share is not None
-                and share > args.max_others
-                and discarded < 20
-            ):
-                discarded += 1
-                print(f"  round discarded (others used {share:.0%}): {line}", flush=True)
-                time.sleep(3)
-                continue
-            for name, ms in this_round.items():
-                times[name].append(ms)
-            shares.append(share)
-            print(f"  round {r + 1} (others {share or 0:.0%}): {line} ms", flush=True)
+        times, shares, discarded, _ = interleaved_rounds(
+            rows, _time_call, rounds=args.rounds, min_rounds=args.min_rounds, max_seconds=args.max_seconds,
+            max_others=args.max_others, pause_s=3, max_discards=20,
+        )  # fmt: skip
     gflop = GFLOP_256 * batch * (size / 256) ** 2
     return {
         "protocol": protocol,
@@ -215,10 +187,16 @@ def measure_config(args: argparse.Namespace, protocol: str, size: int, batch: in
         "batch": batch,
         "gflop_per_call": gflop,
         "rounds_counted": len(shares),
-        "rounds_discarded": discarded,
+        "rounds_discarded": len(discarded),
         "others_cpu_share_per_round": shares,
         "rows": [summarise(row, times, base_output, batch, gflop, args) for row in rows] + skipped,
     }
+
+
+def _time_call(row: Row) -> float:
+    start = time.perf_counter()
+    row.run()
+    return (time.perf_counter() - start) * 1e3
 
 
 def summarise(

@@ -552,6 +552,52 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), qs[1], qs[7]
 
 
+def interleaved_rounds(
+    rows: list[Any],
+    time_row: Callable[[Any], float],
+    *,
+    rounds: int,
+    min_rounds: int,
+    max_seconds: float,
+    max_others: float | None,
+    pause_s: float,
+    max_discards: int | None = None,
+) -> tuple[dict[str, list[float]], list[float | None], list[dict[str, Any]], float]:
+    """Time every row once per round, the order rotated each round, so that drift hits all rows alike.
+
+    A round in which other processes used more than ``max_others`` of the CPU is discarded and redone
+    after ``pause_s`` (at most ``max_discards`` times); timing stops after ``max_seconds`` once
+    ``min_rounds`` rounds count. Returns each row's times (ms), the counted rounds' CPU shares of other
+    processes, the discarded rounds, and the seconds spent.
+    """
+    times: dict[str, list[float]] = {row.name: [] for row in rows}
+    shares: list[float | None] = []
+    discarded: list[dict[str, Any]] = []
+    others = OthersCpu()
+    started = time.monotonic()
+    while len(shares) < rounds:
+        if time.monotonic() - started > max_seconds and len(shares) >= min_rounds:
+            print(f"time budget ({max_seconds:.0f} s) spent: {len(shares)} rounds counted")
+            break
+        r = len(shares)
+        order = rows[r % len(rows) :] + rows[: r % len(rows)]
+        others.start()
+        this_round = {row.name: time_row(row) for row in order}
+        share = others.stop()
+        line = ", ".join(f"{n} {this_round[n]:.0f}" for n in times)
+        noisy = max_others is not None and share is not None and share > max_others
+        if noisy and (max_discards is None or len(discarded) < max_discards):
+            discarded.append({"others_cpu_share": share, "ms": this_round})
+            print(f"round discarded (others used {share:.0%} of the CPU): {line}", flush=True)
+            time.sleep(pause_s)  # let the other job's burst pass
+            continue
+        for name, ms in this_round.items():
+            times[name].append(ms)
+        shares.append(share)
+        print(f"round {r + 1}/{rounds} (others {share or 0:.0%}): {line} ms", flush=True)
+    return times, shares, discarded, time.monotonic() - started
+
+
 def measure_batch(args: argparse.Namespace, device: torch.device, batch: int) -> dict[str, Any]:
     names = args.rows or (CUDA_ROWS if device.type == "cuda" else CPU_ROWS)
     if BASELINE not in names:
@@ -579,35 +625,14 @@ def measure_batch(args: argparse.Namespace, device: torch.device, batch: int) ->
         for row in rows:
             row.run()
     sync(device)
-    times: dict[str, list[float]] = {row.name: [] for row in rows}
-    counted_shares: list[float | None] = []
-    discarded: list[dict[str, Any]] = []
-    others = OthersCpu()
-    started = time.monotonic()
-    while len(counted_shares) < args.rounds:
-        if time.monotonic() - started > args.max_seconds and len(counted_shares) >= 3:
-            print(f"time budget ({args.max_seconds:.0f} s) spent: {len(counted_shares)} rounds counted")
-            break
-        r = len(counted_shares)
-        order = rows[r % len(rows) :] + rows[: r % len(rows)]
-        others.start()
-        this_round = {row.name: time_one(row.run, device) for row in order}
-        share = others.stop()
-        noisy = args.max_others is not None and share is not None and share > args.max_others
-        line = ", ".join(f"{n} {this_round[n]:.0f}" for n in times)
-        if noisy:
-            discarded.append({"others_cpu_share": share, "ms": this_round})
-            print(f"round discarded (others used {share:.0%} of the CPU): {line}", flush=True)
-            time.sleep(5)  # let the other job's burst pass
-            continue
-        for name, ms in this_round.items():
-            times[name].append(ms)
-        counted_shares.append(share)
-        print(f"round {r + 1}/{args.rounds} (others {share or 0:.0%}): {line}", flush=True)
+    times, counted_shares, discarded, timed_s = interleaved_rounds(
+        rows, lambda row: time_one(row.run, device), rounds=args.rounds, min_rounds=3,
+        max_seconds=args.max_seconds, max_others=args.max_others, pause_s=5,
+    )  # fmt: skip
     return {
         "batch": batch,
         "gflop_per_iteration": gflop,
-        "timed_s": time.monotonic() - started,
+        "timed_s": timed_s,
         "rounds_counted": len(counted_shares),
         "others_cpu_share_per_counted_round": counted_shares,
         "max_others_cpu_share": args.max_others,
