@@ -665,6 +665,7 @@ def round_statistics(
         "ratio_vs_baseline_p80": ratio_p80,
         "ratio_of_medians": statistics.median(base) / median,
         "rounds_faster_than_baseline": sum(r > 1 for r in ratios),
+        "per_round_ratios": ratios,
         "raw_ms": own,
     }
 
