@@ -22,6 +22,7 @@ test-fast: build
 lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(VENV)/bin/ruff format .
@@ -33,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" setuptools wheel
-	$(PY) -m pip install -q numpy pillow tqdm matplotlib pytest pytest-benchmark pytest-timeout ruff ninja scikit-image selenium onnx onnxruntime onnxscript
+	$(PY) -m pip install -q numpy pillow tqdm matplotlib pytest pytest-benchmark pytest-timeout ruff import-linter ninja scikit-image selenium onnx onnxruntime onnxscript
 	touch $@
 
 # Rebuilds only what changed (ninja); the CUDA kernels are compiled whenever a toolkit is found.

@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastpix2pix.backend import extension_available
+from fastpix2pix._extension import extension_available
 
 if not extension_available():
     pytest.skip("fastpix2pix._C is not built: nothing to benchmark", allow_module_level=True)
 
-import fastpix2pix.ops  # noqa: F401  (registers the fake kernels and autograd of the ops)
+import fastpix2pix.ops.fused  # noqa: F401  (registers the fake kernels and autograd of the ops)
 
 lib = torch.ops.fastpix2pix
 EPS = 1e-5

@@ -50,10 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the official structure's re-creation lives with the tests that check it
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (  # noqa: E402  (the machine helpers shared by the CPU benchmarks)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, official_networks: beside this file
+from harness import (  # the machine probes and the interleaved rounds, shared
     cpu_info,
     cpu_peak_gflops,
     environment,
@@ -62,11 +60,11 @@ from bench_train import (  # noqa: E402  (the machine helpers shared by the CPU 
     round_statistics,
     wait_until_quiet,
 )
+from official_networks import official_G, official_init
 
-from fastpix2pix.export import deploy_network  # noqa: E402
-from fastpix2pix.inference import build_engine  # noqa: E402
-from fastpix2pix.models import convert_official_state_dict, define_G  # noqa: E402
-from tests.test_models import _official_G, _official_init  # noqa: E402
+from fastpix2pix.inference.deploy_net import deploy_network
+from fastpix2pix.inference.run import build_engine
+from fastpix2pix.models import convert_official_state_dict, define_G
 
 RESULTS = Path(__file__).parent / "results"
 BASELINE = "official_eager"
@@ -87,7 +85,7 @@ class Row:
 def official_network(protocol: str, seed: int = 0) -> nn.Module:
     """Official unet_256 (no dropout), official init, running statistics from two random batches."""
     torch.manual_seed(seed)
-    net = _official_init(_official_G("unet_256", 64, "batch", dropout=False))
+    net = official_init(official_G("unet_256", 64, "batch", dropout=False))
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = None  # cumulative average of the two batches

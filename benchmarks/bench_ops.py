@@ -4,7 +4,7 @@ For each layer (``shapes.py``), batch, dtype and direction (forward, forward+bac
 
 - block: the whole conv + BatchNorm/bias + activation, fused (``fastpix2pix.ops``) against (a) the eager
   PyTorch composite of modules (Conv2d/ConvTranspose2d + BatchNorm2d + LeakyReLU/ReLU) and (b)
-  ``torch.compile`` of ``fastpix2pix.reference``;
+  ``torch.compile`` of ``fastpix2pix.ops.reference``;
 - epilogue: the non-conv part alone on the conv's output, fused (the low-level ops, as the block calls them)
   against the eager BatchNorm2d + activation modules, with the fused part's achieved bandwidth as a fraction
   of a measured device-to-device copy;
@@ -44,8 +44,8 @@ sys.path.insert(0, str(HERE))
 
 from shapes import LayerShape, image_shape, patchgan_output_shape, pix2pix_layers  # noqa: E402
 
-from fastpix2pix import reference  # noqa: E402
 from fastpix2pix._extension import BUILD_INFO, extension_available  # noqa: E402
+from fastpix2pix.ops import reference  # noqa: E402
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -203,7 +203,7 @@ class FusedEpilogue:
 
     @torch.no_grad()  # the low-level ops have no autograd; the backward is called explicitly
     def forward(self, y: torch.Tensor) -> tuple:
-        from fastpix2pix import ops
+        from fastpix2pix.ops import fused as ops
 
         bn = self.block.bn
         if bn is None:
@@ -263,7 +263,7 @@ class Bench:
             if self.device.type == "cuda"
             else 0
         )
-        from fastpix2pix import ops
+        from fastpix2pix.ops import fused as ops
 
         self.ops = ops
         self.records: list[dict] = []

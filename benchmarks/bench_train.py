@@ -51,10 +51,7 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -65,29 +62,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpix2pix.backend import default_backend
-from fastpix2pix.fast_train import FastPathConfig, FastStep, build_fast_optimizers, use_fast_path
 from fastpix2pix.models import convert_official_state_dict
-from fastpix2pix.options import TrainOptions
-from fastpix2pix.train import (
-    LOSS_NAMES,
-    Networks,
-    Objective,
-    Optimizers,
-    build_networks,
-    build_optimizers,
-    train_step,
-)
+from fastpix2pix.ops.backend import default_backend
+from fastpix2pix.runs.networks import Networks, build_networks
+from fastpix2pix.runs.options import TrainOptions
+from fastpix2pix.training.fast_step import FastPathConfig, FastStep, build_fast_optimizers
+from fastpix2pix.training.fast_trainer import use_fast_path
+from fastpix2pix.training.optim import build_optimizers
+from fastpix2pix.training.step import LOSS_NAMES, Objective, Optimizers, train_step
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the official structure's re-creation lives with the tests that check it
-from tests.test_models import _official_D, _official_G, _official_init  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, official_networks: beside this file
+from harness import (  # the machine probes and the interleaved rounds, shared
+    OthersCpu,
+    cpu_info,
+    cpu_peak_gflops,
+    environment,
+    heavy_processes,
+    interleaved_rounds,
+    load_average,
+    round_statistics,
+    wait_until_quiet,
+)
+from official_networks import official_D, official_G, official_init
 
 GFLOP_PER_IMAGE = 86.94  # unet_256 + 70x70 PatchGAN at 256 px (docs/performance.md)
 FLOOR_MS = {1: 0.8, 16: 2.5}  # H100, bf16 (docs/performance.md)
 RESULTS = Path(__file__).parent / "results"
 ROTATE = 4  # static batches cycled through (unet_256 batch 16: 4 x 2 x 12.6 MB, beyond one L2 fill)
-HEAVY = ("pytest", "cc1plus", "nvcc", "ninja", "cudafe")  # other jobs that make a shared machine noisy
 BASELINE = "official_eager"
 CPU_ROWS = [
     "official_eager",
@@ -108,50 +109,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# --- the machine ----------------------------------------------------------------------------------------
-
-
-def cpu_info() -> dict[str, Any]:
-    """Model, family, clock and the SIMD flags of the first CPU in /proc/cpuinfo."""
-    info: dict[str, Any] = {"model": platform.processor() or platform.machine()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    fields = dict(
-        (key.strip(), value.strip())
-        for key, _, value in (line.partition(":") for line in text.split("\n\n")[0].splitlines())
-    )
-    flags = fields.get("flags", "").split()
-    info |= {
-        "model": fields.get("model name", info["model"]),
-        "vendor": fields.get("vendor_id"),
-        "family": fields.get("cpu family"),
-        "model_number": fields.get("model"),
-        "mhz": float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
-        "logical_cpus": os.cpu_count(),
-        "simd_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "amx", "f16c"))),
-    }
-    return info
-
-
-def cpu_peak_gflops(threads: int, info: dict[str, Any]) -> dict[str, Any] | None:
-    """float32 FMA peak of ``threads`` cores: threads x 2 FMA units x 8 lanes x 2 FLOP x clock.
-
-    8 float32 lanes: a 256-bit FMA datapath (AVX2 + FMA). AMD Zen 4 (family 25) also reports avx512f but
-    executes a 512-bit FMA on its 256-bit units, so the peak is the same; a CPU with 512-bit FMA units
-    would have 16 lanes (not this machine: not assumed anywhere else here).
-    """
-    flags = set(info.get("simd_flags", ()))
-    clock = info.get("mhz")
-    if not clock or not {"avx2", "fma"} <= flags:
-        return None
-    lanes, fma_units = 8, 2
-    return {
-        "gflops": threads * fma_units * lanes * 2 * clock / 1e3,
-        "formula": f"{threads} threads x {fma_units} FMA x {lanes} lanes x 2 FLOP x {clock / 1e3:.3f} GHz",
-        "clock_source": "/proc/cpuinfo 'cpu MHz'",
-    }
+# --- the machine (the rest is in harness.py) ------------------------------------------------------------
 
 
 def conv_calibration(threads: int) -> dict[str, Any]:
@@ -178,66 +136,6 @@ def conv_calibration(threads: int) -> dict[str, Any]:
         "threads": threads,
         "gflops": flop / best / 1e9 if quiet else None,
     }
-
-
-def heavy_processes() -> list[str]:
-    """Other jobs by name (compilers, test runs) and any other process now using > 30% of a core."""
-    out = subprocess.run(["ps", "-eo", "pid,pcpu,args"], capture_output=True, text=True).stdout
-    found = []
-    for line in out.splitlines()[1:]:
-        pid, pcpu, args = line.split(None, 2) + [""] * (3 - len(line.split(None, 2)))
-        if int(pid) == os.getpid() or "ps -eo" in args:
-            continue
-        if any(name in args for name in HEAVY) or float(pcpu or 0) > 30:
-            found.append(f"{pid} {pcpu}% {args[:100]}")
-    return found
-
-
-class OthersCpu:
-    """The share of all CPUs other processes used between ``start`` and ``stop`` (/proc/stat minus us)."""
-
-    def __init__(self) -> None:
-        self.busy0 = self.total0 = self.own0 = 0.0
-
-    @staticmethod
-    def _stat() -> tuple[float, float]:
-        values = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        idle = values[3] + values[4]  # idle + iowait
-        total = sum(values[:8])
-        return total - idle, total
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return (t.user + t.system) * os.sysconf("SC_CLK_TCK")
-
-    def start(self) -> None:
-        self.busy0, self.total0 = self._stat()
-        self.own0 = self._own()
-
-    def stop(self) -> float | None:
-        try:
-            busy, total = self._stat()
-        except OSError:
-            return None
-        others = (busy - self.busy0) - (self._own() - self.own0)
-        return max(0.0, others / max(total - self.total0, 1.0))
-
-
-def wait_until_quiet(limit_s: float) -> dict[str, Any]:
-    """Poll every 15 s for up to ``limit_s`` until no heavy process runs and others use < 10% of the CPU."""
-    start = time.monotonic()
-    while True:
-        probe = OthersCpu()
-        probe.start()
-        time.sleep(5)
-        others, heavy = probe.stop(), heavy_processes()
-        quiet = not heavy and (others or 0.0) < 0.10
-        waited = time.monotonic() - start
-        if quiet or waited >= limit_s:
-            return {"quiet": quiet, "waited_s": round(waited), "heavy": heavy, "others_cpu_share": others}
-        print(f"waiting for a quiet machine ({round(waited)} s): {heavy or f'others use {others:.0%}'}")
-        time.sleep(10)
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -287,8 +185,8 @@ class Row:
 def official_networks(args: argparse.Namespace, device: torch.device) -> Networks:
     """The official structure, initialised as the official code does (seed 0), on ``device``."""
     torch.manual_seed(0)
-    G = _official_init(_official_G(args.netG, 64, "batch", dropout=True))
-    D = _official_init(_official_D("basic", 64, "batch"))
+    G = official_init(official_G(args.netG, 64, "batch", dropout=True))
+    D = official_init(official_D("basic", 64, "batch"))
     return Networks(G.to(device), D.to(device))
 
 
@@ -447,7 +345,7 @@ def fast_row(args, device, batch) -> Row:
         net.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     optimizers = build_fast_optimizers(nets, TrainOptions(netG=args.netG), config)
     if config.cuda_graph:
-        from fastpix2pix.fast_train import use_device_lr
+        from fastpix2pix.training.optim import use_device_lr
 
         for optimizer in optimizers:
             use_device_lr(optimizer)
@@ -544,60 +442,6 @@ def time_one(run: Callable[[], None], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def quantiles(values: list[float]) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentiles (inclusive method; exact for the small samples here)."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    qs = statistics.quantiles(values, n=10, method="inclusive")
-    return statistics.median(values), qs[1], qs[7]
-
-
-def interleaved_rounds(
-    rows: list[Any],
-    time_row: Callable[[Any], float],
-    *,
-    rounds: int,
-    min_rounds: int,
-    max_seconds: float,
-    max_others: float | None,
-    pause_s: float,
-    max_discards: int | None = None,
-) -> tuple[dict[str, list[float]], list[float | None], list[dict[str, Any]], float]:
-    """Time every row once per round, the order rotated each round, so that drift hits all rows alike.
-
-    A round in which other processes used more than ``max_others`` of the CPU is discarded and redone
-    after ``pause_s`` (at most ``max_discards`` times); timing stops after ``max_seconds`` once
-    ``min_rounds`` rounds count. Returns each row's times (ms), the counted rounds' CPU shares of other
-    processes, the discarded rounds, and the seconds spent.
-    """
-    times: dict[str, list[float]] = {row.name: [] for row in rows}
-    shares: list[float | None] = []
-    discarded: list[dict[str, Any]] = []
-    others = OthersCpu()
-    started = time.monotonic()
-    while len(shares) < rounds:
-        if time.monotonic() - started > max_seconds and len(shares) >= min_rounds:
-            print(f"time budget ({max_seconds:.0f} s) spent: {len(shares)} rounds counted")
-            break
-        r = len(shares)
-        order = rows[r % len(rows) :] + rows[: r % len(rows)]
-        others.start()
-        this_round = {row.name: time_row(row) for row in order}
-        share = others.stop()
-        line = ", ".join(f"{n} {this_round[n]:.0f}" for n in times)
-        noisy = max_others is not None and share is not None and share > max_others
-        if noisy and (max_discards is None or len(discarded) < max_discards):
-            discarded.append({"others_cpu_share": share, "ms": this_round})
-            print(f"round discarded (others used {share:.0%} of the CPU): {line}", flush=True)
-            time.sleep(pause_s)  # let the other job's burst pass
-            continue
-        for name, ms in this_round.items():
-            times[name].append(ms)
-        shares.append(share)
-        print(f"round {r + 1}/{rounds} (others {share or 0:.0%}): {line} ms", flush=True)
-    return times, shares, discarded, time.monotonic() - started
-
-
 def measure_batch(args: argparse.Namespace, device: torch.device, batch: int) -> dict[str, Any]:
     names = args.rows or (CUDA_ROWS if device.type == "cuda" else CPU_ROWS)
     if BASELINE not in names:
@@ -642,31 +486,6 @@ def measure_batch(args: argparse.Namespace, device: torch.device, batch: int) ->
         if device.type == "cuda"
         else None,
         "rows": [summarise(row, times, batch, gflop, device, args) for row in rows] + skipped,
-    }
-
-
-def round_statistics(
-    own: list[float], base: list[float], batch: int, gflop: float, peak: dict | None
-) -> dict[str, Any]:
-    """One row's times against the baseline's, round by round (the rows were interleaved): medians with
-    20th/80th percentiles, the per-round ratios' median and spread, throughput and the fraction of peak."""
-    ratios = [b / t for b, t in zip(base, own, strict=True)]
-    median, p20, p80 = quantiles(own)
-    ratio, ratio_p20, ratio_p80 = quantiles(ratios)
-    return {
-        "median_ms": median,
-        "p20_ms": p20,
-        "p80_ms": p80,
-        "images_per_s": batch * 1e3 / median,
-        "gflops": gflop / (median / 1e3),
-        "fraction_of_peak": gflop / (median / 1e3) / peak["gflops"] if peak else None,
-        "ratio_vs_baseline_median_of_rounds": ratio,
-        "ratio_vs_baseline_p20": ratio_p20,
-        "ratio_vs_baseline_p80": ratio_p80,
-        "ratio_of_medians": statistics.median(base) / median,
-        "rounds_faster_than_baseline": sum(r > 1 for r in ratios),
-        "per_round_ratios": ratios,
-        "raw_ms": own,
     }
 
 
@@ -846,8 +665,8 @@ def profile_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
 
 def time_to_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Wall time of ``--epochs`` epochs of the facades recipe, fast path vs the plain trainer (measured)."""
-    from fastpix2pix.fast_train import FastTrainer
-    from fastpix2pix.train import Trainer
+    from fastpix2pix.training.fast_trainer import FastTrainer
+    from fastpix2pix.training.trainer import Trainer
 
     out: dict[str, Any] = {"epochs": args.epochs, "dataroot": args.dataroot}
     for name in ("fast_path", "plain"):
@@ -866,38 +685,6 @@ def time_to_train(args: argparse.Namespace, device: torch.device) -> dict[str, A
 
 
 # --- the report -----------------------------------------------------------------------------------------
-
-
-def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        from fastpix2pix import info
-
-        versions = info.collect()
-    except Exception as error:
-        versions = {"error": repr(error)}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    try:
-        load = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        load = []
-    return {
-        "machine": platform.node(),
-        "cpu": cpu_info(),
-        "threads": torch.get_num_threads(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "versions": versions,
-        "git_commit": commit.strip(),
-        "git_dirty": bool(dirty.strip()),
-        "git_dirty_files": dirty.split("\n")[:40],
-        "date": datetime.datetime.now(datetime.UTC).isoformat(),
-        "config": {k: v for k, v in vars(args).items() if k != "peak"},
-        "load_average_at_start": load,
-        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-    }
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -986,7 +773,7 @@ def main() -> None:
             report["results"].append(result)
             print(table(result, args.peak is not None))
     report["heavy_processes_after"] = heavy_processes()
-    report["load_average_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    report["load_average_at_end"] = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}.json"
     path.write_text(json.dumps(report, indent=1, default=str))

@@ -2,7 +2,8 @@
 
 For each ``--batch``: build the fast trainer (facades when at hand, else the generated facades), capture
 its iteration, then compare one graph replay with eager iterations from the same state
-(:func:`fastpix2pix.selfcheck.verify_captured_step`), and time capture, check and replays. Needs CUDA.
+(:func:`fastpix2pix.training.graph_check.verify_captured_step`), and time capture, check and replays. Needs
+CUDA.
 
     python3 benchmarks/check_graph.py --batch 1 16 --out results/
 """
@@ -21,9 +22,10 @@ from pathlib import Path
 import torch
 
 from fastpix2pix.data.synthetic import generate_synthetic_facades
-from fastpix2pix.fast_train import FastPathConfig, FastTrainer
-from fastpix2pix.options import TrainOptions
-from fastpix2pix.selfcheck import verify_captured_step
+from fastpix2pix.runs.options import TrainOptions
+from fastpix2pix.training.fast_step import FastPathConfig
+from fastpix2pix.training.fast_trainer import FastTrainer
+from fastpix2pix.training.graph_check import verify_captured_step
 
 HERE = Path(__file__).resolve().parent
 FACADES = (HERE.parent / ".gpu_data" / "facades", HERE.parent.parent / "shared" / "data" / "facades")

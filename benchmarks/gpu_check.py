@@ -1,11 +1,10 @@
-"""The prepared GPU check: everything that needs a GPU, in two stages that each fit a short GPU lease.
+"""The prepared GPU check: everything that needs a GPU, in two stages that each fit a short GPU session.
 
-GPUs are lent to this project rarely and briefly (15 minutes of device time per session, one command at
-most 10 minutes), so what a GPU must verify is one script, run as ``make gpu-check STAGE=1`` then
-``STAGE=2``, on a machine with the CUDA toolkit and torch installed (python3 there is the one with torch;
-no network is needed). Every step runs in its own process group under a time limit, so a hang costs only
-its step; the summary JSON is rewritten after each step, so a stage killed from outside still leaves what
-it found.
+To verify a new GPU machine, run ``make gpu-check STAGE=1`` then ``STAGE=2`` on it, with the CUDA toolkit
+and torch installed (python3 there is the one with torch; no network is needed). The two stages fit in 15
+minutes of GPU time, each under 8 minutes so that it fits one command limited to 10 minutes. Every step
+runs in its own process group under a time limit, so a hang costs only its step; the summary JSON is
+rewritten after each step, so a stage killed from outside still leaves what it found.
 
 Stage 1, correctness (~5 min): build for sm_90 with 16 jobs, the kernel self-check
 (``fastpix2pix info --check``), every CUDA test, each C++ error path in its own process
@@ -41,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FACADES_CANDIDATES = (ROOT / ".gpu_data" / "facades", ROOT.parent / "shared" / "data" / "facades")
 TAIL_CHARS = 4000
-# A lent GPU runs one command for at most 10 minutes: a stage ends before 8, start-up included.
+# One command may run for at most 10 minutes: a stage ends before 8, start-up included.
 STAGE_BUDGET_S = 470
 MIN_STEP_S = 20
 

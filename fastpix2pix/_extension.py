@@ -6,6 +6,7 @@ built against another torch is an error, because it would crash or misbehave at 
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 from types import ModuleType
@@ -18,7 +19,8 @@ REBUILD_HINT = "rebuild it: `make build`, or `pip install --no-build-isolation -
 
 def _import_library() -> ModuleType | None:
     try:
-        from fastpix2pix import _C
+        # By its full name: the library is a leaf, and this module must not import the package face.
+        library = importlib.import_module("fastpix2pix._C")
     except ModuleNotFoundError:
         return None
     except (ImportError, OSError) as error:  # typically undefined symbols from another torch ABI
@@ -26,7 +28,7 @@ def _import_library() -> ModuleType | None:
             f"fastpix2pix._C failed to load ({error}); it was probably built against another torch "
             f"than the installed {torch.__version__}: {REBUILD_HINT}"
         ) from error
-    return _C
+    return library
 
 
 def _check_torch_version(info: dict[str, Any]) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastpix2pix.data
+import fastpix2pix.data.synthetic
 from fastpix2pix.cli import main
 from fastpix2pix.data import generate_synthetic_facades, read_image
-from fastpix2pix.options import PredictOptions, TestOptions, TrainOptions, build_parser, parse_options
+from fastpix2pix.runs.options import PredictOptions, TestOptions, TrainOptions, build_parser, parse_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,7 +144,7 @@ def test_train_without_dataroot_uses_the_synthetic_dataset(
         made.append(Path(root))
         return generate_synthetic_facades(root, n_train=2, n_test=1, size=32)
 
-    monkeypatch.setattr(fastpix2pix.data, "ensure_synthetic_dataset", small_synthetic)
+    monkeypatch.setattr(fastpix2pix.data.synthetic, "ensure_synthetic_dataset", small_synthetic)
     monkeypatch.chdir(tmp_path)
     assert main(["train", *TINY_TRAIN, "--n_epochs", "1", "--n_epochs_decay", "0"]) == 0
     assert made == [Path("datasets") / "synthetic"]

@@ -16,16 +16,12 @@ import pytest
 import torch
 from tiny_run import tiny_options
 
-from fastpix2pix.fast_train import FastPathConfig, build_fast_optimizers
-from fastpix2pix.options import TrainOptions
-from fastpix2pix.train import (
-    Objective,
-    Optimizers,
-    Trainer,
-    build_networks,
-    build_optimizers,
-    train_step,
-)
+from fastpix2pix.runs.networks import build_networks
+from fastpix2pix.runs.options import TrainOptions
+from fastpix2pix.training.fast_step import FastPathConfig, build_fast_optimizers
+from fastpix2pix.training.optim import build_optimizers
+from fastpix2pix.training.step import Objective, Optimizers, train_step
+from fastpix2pix.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -38,9 +38,9 @@ from test_cuda_ops import (
     reference_loss,
 )
 
-from fastpix2pix.reference import activation as reference_activation
-from fastpix2pix.reference import gan_loss as reference_gan_loss
-from fastpix2pix.reference import l1_loss as reference_l1_loss
+from fastpix2pix.ops.reference import activation as reference_activation
+from fastpix2pix.ops.reference import gan_loss as reference_gan_loss
+from fastpix2pix.ops.reference import l1_loss as reference_l1_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"

@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpix2pix import reference
+from fastpix2pix.ops import reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -64,7 +64,7 @@ def ops():
             "fastpix2pix._C was built without its CUDA kernels on a machine with a GPU: "
             "rebuild with FASTPIX2PIX_CUDA=1 (see setup.py)"
         )
-    from fastpix2pix import ops as fused
+    from fastpix2pix.ops import fused
 
     return fused
 

@@ -45,7 +45,7 @@ from fastpix2pix.data import (
     to_channels,
 )
 from fastpix2pix.data.images import encode_png16
-from fastpix2pix.labelmaps import decode_labels
+from fastpix2pix.data.labelmaps import decode_labels
 
 RNG = np.random.default_rng(1234)
 

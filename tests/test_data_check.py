@@ -23,20 +23,17 @@ from test_data import official_aligned_item
 from tiny_run import tiny_options
 
 import fastpix2pix.data.check as check_module
-from fastpix2pix.checkpoint import load_checkpoint
+import fastpix2pix.runtime as runtime
 from fastpix2pix.cli import main
 from fastpix2pix.data import AlignedDataset, DataOptions, generate_synthetic_facades, shared_facades_root
-from fastpix2pix.data.check import (
-    DataCheckError,
-    DataLoadError,
-    check_dataset,
-    check_file,
-    loading_error,
-)
+from fastpix2pix.data.check import DataCheckError, DataLoadError, check_dataset, check_file, loading_error
 from fastpix2pix.data.images import encode_png16
-from fastpix2pix.device_data import DeviceDataset, plan_batch_source
-from fastpix2pix.streaming_data import StreamingDataset
-from fastpix2pix.train import Trainer, data_workers
+from fastpix2pix.data.sources.device import DeviceDataset
+from fastpix2pix.data.sources.plan import plan_batch_source
+from fastpix2pix.data.sources.streaming import StreamingDataset
+from fastpix2pix.runs.checkpoint import load_checkpoint
+from fastpix2pix.runtime import data_workers
+from fastpix2pix.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -352,7 +349,8 @@ def test_debug_shows_the_worker_traceback(corrupt_data: Path, tmp_path: Path) ->
 
 def test_corrupt_file_in_the_main_process_and_on_the_fast_path(corrupt_data: Path, tmp_path: Path) -> None:
     """num_threads 0 (decoded in this process), and the fast path's streaming source: the same line."""
-    from fastpix2pix.fast_train import FastPathConfig, FastTrainer
+    from fastpix2pix.training.fast_step import FastPathConfig
+    from fastpix2pix.training.fast_trainer import FastTrainer
 
     trainer = Trainer(worker_options(corrupt_data, tmp_path / "plain", num_threads=0), progress_bar=False)
     with pytest.raises(DataLoadError, match=r"9999\.png.*training stopped at epoch 1, iteration 4"):
@@ -393,7 +391,7 @@ def test_combine_separate_folders_then_train_on_them(tmp_path: Path, capsys: pyt
 def test_workers_capped_at_the_usable_cpus(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(check_module, "usable_cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime, "usable_cpu_count", lambda: 2)
     assert (data_workers(0), data_workers(1), data_workers(4)) == (0, 1, 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: the machine's processes share the CPUs
     assert data_workers(4) == 1
@@ -414,7 +412,7 @@ def test_usable_cpu_count_follows_the_affinity() -> None:
 
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this platform")
-    assert check_module.usable_cpu_count() == len(os.sched_getaffinity(0))
+    assert runtime.usable_cpu_count() == len(os.sched_getaffinity(0))
 
 
 def test_check_file_names_a_missing_file(tmp_path: Path) -> None:

@@ -23,13 +23,15 @@ import torch
 import torch.distributed as dist
 from ranks import JOIN_TIMEOUT_S, free_port, rank_results, spawn
 
-from fastpix2pix.checkpoint import checkpoint_path, load_checkpoint
 from fastpix2pix.data import generate_synthetic_facades
 from fastpix2pix.data.aligned import AlignedDataset
-from fastpix2pix.distributed import _distributed_device, init_distributed, torchrun_environment
+from fastpix2pix.data.order import DistributedEpochSampler, EpochSampler
 from fastpix2pix.models import NORMS
-from fastpix2pix.options import TrainOptions, parse_options
-from fastpix2pix.train import DistributedEpochSampler, EpochSampler, NonFiniteLossError, Trainer
+from fastpix2pix.runs.checkpoint import checkpoint_path, load_checkpoint
+from fastpix2pix.runs.options import TrainOptions, parse_options
+from fastpix2pix.training.distributed import _distributed_device, init_distributed, torchrun_environment
+from fastpix2pix.training.step import NonFiniteLossError
+from fastpix2pix.training.trainer import Trainer
 
 SPAWN_TIMEOUT_S = 2 * JOIN_TIMEOUT_S  # five trainers in a row on a shared 2-core machine
 pytestmark = [pytest.mark.timeout(SPAWN_TIMEOUT_S + 120), pytest.mark.usefixtures("one_thread")]

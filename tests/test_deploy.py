@@ -19,13 +19,15 @@ pytest.importorskip("onnxscript")
 
 from test_models import _randomise
 
-from fastpix2pix import deploy, engines
+from fastpix2pix import deploy
 from fastpix2pix.cli import main
 from fastpix2pix.data import read_image, to_tensor
-from fastpix2pix.inference import pad_to_multiple, predict, run_test
+from fastpix2pix.inference import engines
+from fastpix2pix.inference.run import predict, run_test
+from fastpix2pix.inference.translate import pad_to_multiple
 from fastpix2pix.models import define_G
-from fastpix2pix.options import PredictOptions, TestOptions
-from fastpix2pix.visualize import tensor_to_image
+from fastpix2pix.runs.options import PredictOptions, TestOptions
+from fastpix2pix.runs.visualize import tensor_to_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Tests of fastpix2pix.device_data: the device-resident dataset against the CPU pipeline.
+"""Tests of fastpix2pix.data.sources.device: the device-resident dataset against the CPU pipeline.
 
 Exactness: for the same explicit parameters (sample, crop offsets, flip) the device batch equals the CPU
 ``AlignedDataset`` sample bit for bit, in every preprocess mode, for 8- and 16-bit data, on the synthetic
@@ -19,7 +19,6 @@ import torch
 from pair_files import write_pair
 from PIL import Image
 
-from fastpix2pix import device_data
 from fastpix2pix.data import (
     AlignedDataset,
     AugmentParams,
@@ -31,15 +30,11 @@ from fastpix2pix.data import (
     shared_facades_root,
 )
 from fastpix2pix.data.images import encode_png16
-from fastpix2pix.device_data import (
-    DeviceDataset,
-    StorageMismatchError,
-    estimate_device_bytes,
-    free_memory,
-    plan_batch_source,
-    sample_geometry,
-)
-from fastpix2pix.streaming_data import StreamingDataset
+from fastpix2pix.data.sources import plan as plan_module
+from fastpix2pix.data.sources.base import sample_geometry
+from fastpix2pix.data.sources.device import DeviceDataset, StorageMismatchError
+from fastpix2pix.data.sources.plan import estimate_device_bytes, free_memory, plan_batch_source
+from fastpix2pix.data.sources.streaming import StreamingDataset
 
 CUDA_REASON = "CUDA is not available on this machine"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
@@ -611,7 +606,7 @@ def test_planner_holds_a_small_dataset_on_the_device(synthetic_root):
 def test_planner_streams_above_the_share_of_free_memory(synthetic_root, monkeypatch):
     dataset = AlignedDataset(synthetic_root, "train", DataOptions(**SMALL))
     size = 6 * 40 * 40 * 8
-    monkeypatch.setattr(device_data, "free_memory", lambda device: 4 * size)
+    monkeypatch.setattr(plan_module, "free_memory", lambda device: 4 * size)
     source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=0, max_share=0.2)
     assert isinstance(source, StreamingDataset) and source.fixed_shape and not source.in_graph
     assert "streamed from host memory" in why and "exceeds 20% of the" in why, why
@@ -622,7 +617,7 @@ def test_planner_streams_above_the_share_of_free_memory(synthetic_root, monkeypa
     source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=1, policy="device", max_share=0.2)
     assert isinstance(source, DeviceDataset) and "warning: above the 20% share" in why, why
     # Unknown free memory: no limit.
-    monkeypatch.setattr(device_data, "free_memory", lambda device: None)
+    monkeypatch.setattr(plan_module, "free_memory", lambda device: None)
     source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=1, max_share=0.2)
     assert isinstance(source, DeviceDataset) and "free memory unknown" in why
     # "stream" always streams.
@@ -654,7 +649,7 @@ def test_planner_falls_back_to_streaming_when_the_allocation_fails(synthetic_roo
     def out_of_memory(*args: object, **kwargs: object) -> DeviceDataset:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(device_data, "DeviceDataset", out_of_memory)
+    monkeypatch.setattr(plan_module, "DeviceDataset", out_of_memory)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     source, why = plan_batch_source(dataset, "cpu", 2, seed=0, workers=0)
     assert isinstance(source, StreamingDataset) and "failed" in why

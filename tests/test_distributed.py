@@ -1,4 +1,4 @@
-"""Tests of synchronised BatchNorm (:mod:`fastpix2pix.distributed`) and ``norm="syncbatch"``.
+"""Tests of synchronised BatchNorm (:mod:`fastpix2pix.ops.sync_bn`) and ``norm="syncbatch"``.
 
 The central claim: W processes with batch n each, synchronised BatchNorm and DDP, train exactly the network
 that one process with batch W*n trains through plain BatchNorm (outputs, gradients, running statistics,
@@ -26,17 +26,17 @@ from ranks import JOIN_TIMEOUT_S, WORLD_SIZE, RankOutcome, free_port, rank_resul
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastpix2pix.backend import extension_available
-from fastpix2pix.distributed import (
+from fastpix2pix._extension import extension_available
+from fastpix2pix.models import ConvBlock, UnetGenerator, define_D, define_G, init_weights
+from fastpix2pix.models.layers import LEAKY_RELU
+from fastpix2pix.ops.reference import activation
+from fastpix2pix.ops.sync_bn import (
     SyncBatchNorm2d,
     combine_batch_stats,
     reference_sync_batch_norm,
     sync_bn_act,
     sync_group,
 )
-from fastpix2pix.models import ConvBlock, UnetGenerator, define_D, define_G, init_weights
-from fastpix2pix.models.layers import LEAKY_RELU
-from fastpix2pix.reference import activation
 
 FAILED_RANK_EXIT_CODE = 3
 HUNG_RANK_TIMEOUT_S = 4  # the collective timeout in the hung-rank test

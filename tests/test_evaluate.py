@@ -17,19 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
-import fastpix2pix.evaluate as evaluate_module
-import fastpix2pix.parser_net as parser_module
+import fastpix2pix.commands.eval as eval_command
+import fastpix2pix.data.schemes as schemes
+import fastpix2pix.evaluation.parser_net as parser_module
+from fastpix2pix.commands.eval import checkpoint_test_options, main
 from fastpix2pix.data import SYNTHETIC_CLASSES, generate_synthetic_facades, save_image, shared_facades_root
-from fastpix2pix.evaluate import (
-    checkpoint_test_options,
-    evaluate_results,
-    find_result_images,
-    main,
-    resolve_scheme,
-)
-from fastpix2pix.labelmaps import FACADES_PALETTE
-from fastpix2pix.metrics import confusion_matrix, segmentation_scores
-from fastpix2pix.parser_net import (
+from fastpix2pix.data.labelmaps import FACADES_PALETTE
+from fastpix2pix.data.schemes import resolve_scheme
+from fastpix2pix.evaluation.evaluate import evaluate_results, find_result_images
+from fastpix2pix.evaluation.metrics import confusion_matrix, segmentation_scores
+from fastpix2pix.evaluation.parser_net import (
     ParserConfig,
     load_or_train_parser,
     load_parser_data,
@@ -202,7 +199,7 @@ def test_evaluate_results_perfect_and_flat_generators(tmp_path: Path, synthetic6
 def test_eval_command(
     tmp_path: Path, synthetic32: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setitem(evaluate_module.PARSER_CONFIGS, "cpu", TINY)
+    monkeypatch.setitem(parser_module.PARSER_CONFIGS, "cpu", TINY)
     results = write_results(tmp_path / "results", synthetic32)
     common = [
         "--palette",
@@ -257,7 +254,7 @@ def test_eval_without_a_label_side_reports_image_metrics(
     def no_parser(*args: object, **kwargs: object) -> None:
         raise AssertionError("no parser is needed without a label map")
 
-    monkeypatch.setattr(evaluate_module, "load_or_train_parser", no_parser)
+    monkeypatch.setattr(eval_command, "load_or_train_parser", no_parser)
     results = write_photo_results(tmp_path / "results", synthetic32)
     assert main([str(results), "--palette", "synthetic", "--device", "cpu", "--train-parser"]) == 0
     printed = capsys.readouterr().out
@@ -277,8 +274,8 @@ def test_eval_without_a_label_side_reports_image_metrics(
 def test_label_map_coverage_tells_label_maps_from_photos(tmp_path: Path, synthetic32: Path) -> None:
     labels = write_results(tmp_path / "labels", synthetic32)
     found = find_result_images(labels)
-    assert evaluate_module.label_map_coverage(found.paths["real_A"], SYNTHETIC.palette) == 1.0
-    assert evaluate_module.label_map_coverage(found.paths["real_B"], SYNTHETIC.palette) < 0.1
+    assert schemes.label_map_coverage(found.paths["real_A"], SYNTHETIC.palette) == 1.0
+    assert schemes.label_map_coverage(found.paths["real_B"], SYNTHETIC.palette) < 0.1
     if FACADES is None:
         return
     facades = resolve_scheme("facades")
@@ -288,8 +285,8 @@ def test_label_map_coverage_tells_label_maps_from_photos(tmp_path: Path, synthet
         for name, half in (("photos", pair[:, :256]), ("labels", pair[:, 256:])):
             sides[name].append(tmp_path / f"{name}_{path.stem}.png")
             save_image(sides[name][-1], half)
-    assert evaluate_module.label_map_coverage(sides["labels"], facades.palette) > 0.95
-    assert evaluate_module.label_map_coverage(sides["photos"], facades.palette) < 0.05
+    assert schemes.label_map_coverage(sides["labels"], facades.palette) > 0.95
+    assert schemes.label_map_coverage(sides["photos"], facades.palette) < 0.05
 
 
 def test_checkpoint_test_options(tmp_path: Path) -> None:
@@ -312,7 +309,7 @@ def test_checkpoint_test_options(tmp_path: Path) -> None:
 
 
 def tiny_train_options(data: Path, checkpoints: Path, **changes: object) -> object:
-    from fastpix2pix.options import TrainOptions
+    from fastpix2pix.runs.options import TrainOptions
 
     opt = TrainOptions(
         dataroot=str(data), direction="BtoA", name="tiny", checkpoints_dir=str(checkpoints),
@@ -331,12 +328,12 @@ def test_eval_generates_results_from_a_checkpoint(
     import shutil
 
     from fastpix2pix.cli import main as cli_main
-    from fastpix2pix.train import Trainer
+    from fastpix2pix.training.trainer import Trainer
 
     data = tmp_path / "data"
     shutil.copytree(synthetic32 / "train", data / "train")
     shutil.copytree(synthetic32 / "test", data / "val")
-    monkeypatch.setitem(evaluate_module.PARSER_CONFIGS, "cpu", TINY)
+    monkeypatch.setitem(parser_module.PARSER_CONFIGS, "cpu", TINY)
     trainer = Trainer(tiny_train_options(data, tmp_path / "checkpoints", max_iters=2), progress_bar=False)
     trainer.fit()
     run = ["--name", "tiny", "--checkpoints_dir", str(tmp_path / "checkpoints"), "--dataroot", str(data)]
@@ -360,9 +357,9 @@ def test_eval_generates_results_from_a_checkpoint(
 def test_training_improves_fcn_score_and_l1(tmp_path: Path) -> None:
     """unet_128 at 128x128 on 32 synthetic pairs: the trained generator beats the untrained one clearly
     on both the FCN-score (a parser trained on the same train split) and L1."""
-    from fastpix2pix.inference import run_test
-    from fastpix2pix.options import TestOptions
-    from fastpix2pix.train import Trainer
+    from fastpix2pix.inference.run import run_test
+    from fastpix2pix.runs.options import TestOptions
+    from fastpix2pix.training.trainer import Trainer
 
     data = generate_synthetic_facades(tmp_path / "data", n_train=32, n_test=8, size=128, seed=4)
     config = ParserConfig(size=64, crop=64, width=8, depth=3, epochs=12, batch_size=4, lr=3e-3, max_zoom=1.2)

@@ -21,18 +21,14 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from test_models import _official_G, _randomise  # noqa: E402  (the official structure's re-creation)
+from test_models import _randomise  # noqa: E402
 
+from benchmarks.official_networks import official_G  # noqa: E402
 from fastpix2pix.cli import main  # noqa: E402
 from fastpix2pix.data import read_image, shared_facades_root, split_ab, to_tensor  # noqa: E402
 from fastpix2pix.deploy import OnnxRunner, TorchExportRunner, read_metadata  # noqa: E402
-from fastpix2pix.export import (  # noqa: E402
-    deploy_network,
-    export_generator,
-    exported_program,
-    fold_batch_norm,
-    onnx_model_bytes,
-)
+from fastpix2pix.inference.deploy_net import deploy_network, fold_batch_norm  # noqa: E402
+from fastpix2pix.inference.export import export_generator, exported_program, onnx_model_bytes  # noqa: E402
 from fastpix2pix.models import define_G  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -212,7 +208,7 @@ def test_real_facades_both_protocols(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def official_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
     """An official-structure unet_128 (ngf 8, with its Dropout layers) saved as ``latest_net_G.pth``."""
-    official = _official_G("unet_128", 8, "batch", dropout=True)
+    official = official_G("unet_128", 8, "batch", dropout=True)
     _randomise(official)
     path = tmp_path_factory.mktemp("official") / "latest_net_G.pth"
     torch.save(official.state_dict(), path)
@@ -303,9 +299,9 @@ def test_errors_write_nothing(
 
 
 def test_a_file_that_fails_its_check_is_not_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fastpix2pix.export
+    import fastpix2pix.inference.export
 
-    monkeypatch.setattr(fastpix2pix.export, "VERIFY_TOLERANCE", -1.0)  # every file "differs"
+    monkeypatch.setattr(fastpix2pix.inference.export, "VERIFY_TOLERANCE", -1.0)  # every file "differs"
     with pytest.raises(ValueError, match=r"differs from PyTorch by .* nothing written"):
         export_generator(generator("unet_128", ngf=8), tmp_path / "G.pt2", fmt="torch-export")
     assert _files(tmp_path) == []
@@ -358,9 +354,9 @@ def test_dropout_export_is_stochastic_where_the_generator_has_dropout(tmp_path: 
 
 def test_custom_ops_never_reach_the_graph() -> None:
     """The fused backend's generator exports to plain aten ops (the same graph as the reference's)."""
-    import fastpix2pix.backend
+    import fastpix2pix.ops.backend
 
-    if not fastpix2pix.backend.extension_available():
+    if not fastpix2pix.ops.backend.extension_available():
         pytest.skip("compiled extension not built")
     fused = define_G("unet_128", ngf=8, backend="fused")
     fused.load_state_dict(generator("unet_128", ngf=8).state_dict())

@@ -1,4 +1,5 @@
-"""The fast trainer (fastpix2pix.fast_train) against the reference trainer, on CPU; GPU tests skip here."""
+"""The fast trainer (fastpix2pix.training.fast_trainer) against the reference trainer, on CPU; GPU tests skip
+here."""
 
 from __future__ import annotations
 
@@ -13,34 +14,28 @@ import torch
 from tiny_run import assert_same
 from tiny_run import tiny_options as shared_tiny_options
 
-import fastpix2pix.selfcheck as selfcheck
-from fastpix2pix.backend import extension_available
-from fastpix2pix.checkpoint import checkpoint_path, load_checkpoint
-from fastpix2pix.fast_train import (
-    EagerGraphRuntime,
-    FastPathConfig,
-    FastStep,
-    FastTrainer,
-    build_fast_optimizers,
-    load_portable_optimizer_state,
-    portable_optimizer_state,
-    use_device_lr,
-    use_fast_path,
-)
-from fastpix2pix.options import TrainOptions, parse_options
-from fastpix2pix.streaming_data import StreamingDataset
-from fastpix2pix.train import (
-    Networks,
-    Objective,
-    Optimizers,
-    Trainer,
-    build_networks,
+import fastpix2pix.ops.selfcheck as selfcheck
+import fastpix2pix.training.fast_trainer as fast_trainer_module
+from fastpix2pix._extension import extension_available
+from fastpix2pix.data.sources.plan import DEFAULT_DEVICE_SHARE
+from fastpix2pix.data.sources.streaming import StreamingDataset
+from fastpix2pix.runs.checkpoint import checkpoint_path, load_checkpoint
+from fastpix2pix.runs.networks import Networks, build_networks
+from fastpix2pix.runs.options import TrainOptions, parse_options
+from fastpix2pix.runs.visualize import read_loss_log
+from fastpix2pix.training.fast_step import EagerGraphRuntime, FastPathConfig, FastStep, build_fast_optimizers
+from fastpix2pix.training.fast_trainer import FastTrainer, use_fast_path
+from fastpix2pix.training.graph_check import GraphCheck
+from fastpix2pix.training.optim import (
     build_optimizers,
     build_scheduler,
     linear_lr_factor,
-    train_step,
+    load_portable_optimizer_state,
+    portable_optimizer_state,
+    use_device_lr,
 )
-from fastpix2pix.visualize import read_loss_log
+from fastpix2pix.training.step import Objective, Optimizers, train_step
+from fastpix2pix.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -459,18 +454,17 @@ def test_fast_path_resume_is_bit_exact(
 def test_device_data_options_reach_the_planner(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fastpix2pix.device_data as device_data
 
     opt = parse_options(TrainOptions, ["--device_data", "stream", "--device_data_share", "0.25"])
     assert (opt.device_data, opt.device_data_share) == ("stream", 0.25)
-    assert TrainOptions().device_data_share == device_data.DEFAULT_DEVICE_SHARE
-    calls, plan = [], device_data.plan_batch_source
+    assert TrainOptions().device_data_share == DEFAULT_DEVICE_SHARE
+    calls, plan = [], fast_trainer_module.plan_batch_source
 
     def recorded(*args: object, **kwargs: object) -> object:
         calls.append(kwargs)
         return plan(*args, **kwargs)
 
-    monkeypatch.setattr(device_data, "plan_batch_source", recorded)
+    monkeypatch.setattr(fast_trainer_module, "plan_batch_source", recorded)
     options = tiny_options(tiny_data, tmp_path, device_data="stream", device_data_share=0.25)
     trainer = FastTrainer(options, cpu_config(), progress_bar=False)
     assert calls[0]["policy"] == "stream" and calls[0]["max_share"] == 0.25
@@ -620,11 +614,11 @@ def test_graph_check_failure_trains_eagerly(
     CUDA) drops the graph, says why in one line, and training goes on eagerly."""
     checked = []
 
-    def failing_check(step: FastStep) -> selfcheck.GraphCheck:
+    def failing_check(step: FastStep) -> GraphCheck:
         checked.append(step)
-        return selfcheck.GraphCheck(error=0.9, worst="G.stem.conv.weight", noise=0.0, tolerance=0.05)
+        return GraphCheck(error=0.9, worst="G.stem.conv.weight", noise=0.0, tolerance=0.05)
 
-    monkeypatch.setattr(selfcheck, "verify_captured_step", failing_check)
+    monkeypatch.setattr(fast_trainer_module, "verify_captured_step", failing_check)
     monkeypatch.setattr(selfcheck, "_enabled", True)
     trainer = graphed_trainer(tiny_options(tiny_data, tmp_path, max_iters=2), verify_graph=True)
     trainer.fit()
@@ -642,7 +636,7 @@ def test_no_self_check_skips_the_graph_check(
     def must_not_run(step: FastStep) -> None:
         raise AssertionError("the graph check ran despite --no_self_check")
 
-    monkeypatch.setattr(selfcheck, "verify_captured_step", must_not_run)
+    monkeypatch.setattr(fast_trainer_module, "verify_captured_step", must_not_run)
     monkeypatch.setattr(selfcheck, "_enabled", True)  # restored after the test: the trainer switches it off
     trainer = graphed_trainer(tiny_options(tiny_data, tmp_path, no_self_check=True), verify_graph=True)
     assert not trainer.config.verify_graph and not selfcheck.self_check_enabled()

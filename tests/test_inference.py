@@ -13,8 +13,10 @@ from PIL import Image
 from tiny_run import train_tiny
 
 from fastpix2pix.data import generate_synthetic_facades, read_image
-from fastpix2pix.inference import load_generator, pad_to_multiple, predict, run_test
-from fastpix2pix.options import PredictOptions, TestOptions
+from fastpix2pix.inference.loading import load_generator
+from fastpix2pix.inference.run import predict, run_test
+from fastpix2pix.inference.translate import pad_to_multiple
+from fastpix2pix.runs.options import PredictOptions, TestOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

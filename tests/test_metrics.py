@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fastpix2pix.data import SYNTHETIC_PALETTE, shared_facades_root, synthetic_pair
-from fastpix2pix.labelmaps import (
+from fastpix2pix.data.labelmaps import (
     FACADES_JET_POSITIONS,
     FACADES_PALETTE,
     colour_residual,
@@ -26,7 +26,7 @@ from fastpix2pix.labelmaps import (
     labels_to_rgb,
     palette_from_images,
 )
-from fastpix2pix.metrics import (
+from fastpix2pix.evaluation.metrics import (
     confusion_matrix,
     gaussian_window,
     l1_error,

@@ -1,8 +1,9 @@
 """Tests of the network definitions against the facts and against the official module structure.
 
-The strongest checks build the official networks' *structure* here (a compact re-creation of the
-nested containers of junyanz/pytorch-CycleGAN-and-pix2pix ``models/networks.py``, including its in-place
-activations), convert their state_dicts, and require the flat fastpix2pix networks to compute the same
+The strongest checks build the official networks' *structure* (``benchmarks/official_networks.py``, a
+compact re-creation of the nested containers of junyanz/pytorch-CycleGAN-and-pix2pix
+``models/networks.py`` with its in-place activations; the benchmarks' baseline too), convert their
+state_dicts, and require the flat fastpix2pix networks to compute the same
 outputs, gradients and running statistics. Widths are kept small: the function does not depend on them.
 """
 
@@ -11,13 +12,13 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
-import fastpix2pix.backend
+import fastpix2pix.ops.backend
+from benchmarks.official_networks import RESNET_BLOCKS, UNET_DOWNS, official_D, official_G, official_init
 from fastpix2pix.models import (
     DISCRIMINATORS,
     GENERATORS,
@@ -38,168 +39,8 @@ from fastpix2pix.models import (
 
 REF = "reference"
 needs_extension = pytest.mark.skipif(
-    not fastpix2pix.backend.extension_available(), reason="compiled extension not built"
+    not fastpix2pix.ops.backend.extension_available(), reason="compiled extension not built"
 )
-
-
-# --- a compact re-creation of the official module structure (key names, order, in-place ops) ---------
-
-
-def _official_norm(norm: str) -> Callable[[int], nn.Module]:
-    if norm in ("batch", "syncbatch"):  # in a single process, synchronised BatchNorm is BatchNorm
-        return lambda c: nn.BatchNorm2d(c, affine=True, track_running_stats=True)
-    if norm == "instance":
-        return lambda c: nn.InstanceNorm2d(c, affine=False, track_running_stats=False)
-    return lambda c: nn.Identity()
-
-
-class _OfficialUnetLevel(nn.Module):
-    def __init__(self, outer: int, inner: int, norm: str, *, input_nc: int | None = None,
-                 sub: nn.Module | None = None, outermost: bool = False, innermost: bool = False,
-                 dropout: bool = False) -> None:  # fmt: skip
-        super().__init__()
-        self.outermost = outermost
-        make_norm, bias = _official_norm(norm), norm == "instance"
-        down = nn.Conv2d(input_nc or outer, inner, 4, 2, 1, bias=bias)
-        if outermost:
-            layers = [down, sub, nn.ReLU(True), nn.ConvTranspose2d(2 * inner, outer, 4, 2, 1), nn.Tanh()]
-        elif innermost:
-            up = nn.ConvTranspose2d(inner, outer, 4, 2, 1, bias=bias)
-            layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True), up, make_norm(outer)]
-        else:
-            up = nn.ConvTranspose2d(2 * inner, outer, 4, 2, 1, bias=bias)
-            layers = [
-                nn.LeakyReLU(0.2, True),
-                down,
-                make_norm(inner),
-                sub,
-                nn.ReLU(True),
-                up,
-                make_norm(outer),
-            ]
-            layers += [nn.Dropout(0.5)] if dropout else []
-        self.model = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) if self.outermost else torch.cat([x, self.model(x)], 1)
-
-
-class _OfficialUnet(nn.Module):
-    def __init__(
-        self, input_nc: int, output_nc: int, num_downs: int, ngf: int, norm: str, dropout: bool
-    ) -> None:
-        super().__init__()
-        level = _OfficialUnetLevel(8 * ngf, 8 * ngf, norm, innermost=True)
-        for _ in range(num_downs - 5):
-            level = _OfficialUnetLevel(8 * ngf, 8 * ngf, norm, sub=level, dropout=dropout)
-        for outer in (4 * ngf, 2 * ngf, ngf):
-            level = _OfficialUnetLevel(outer, 2 * outer, norm, sub=level)
-        self.model = _OfficialUnetLevel(output_nc, ngf, norm, input_nc=input_nc, sub=level, outermost=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-
-class _OfficialSequential(nn.Module):
-    """An official network that is one Sequential, held as ``model`` (most) or ``net`` (PixelGAN)."""
-
-    def __init__(self, attr: str, layers: list[nn.Module]) -> None:
-        super().__init__()
-        self.attr = attr
-        setattr(self, attr, nn.Sequential(*layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.attr)(x)
-
-
-class _OfficialResnetBlock(nn.Module):
-    def __init__(self, dim: int, norm: str, dropout: bool) -> None:
-        super().__init__()
-        make_norm, bias = _official_norm(norm), norm == "instance"
-        layers = [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=bias), make_norm(dim), nn.ReLU(True)]
-        layers += [nn.Dropout(0.5)] if dropout else []
-        layers += [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=bias), make_norm(dim)]
-        self.conv_block = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv_block(x)
-
-
-def _official_resnet(
-    input_nc: int, output_nc: int, ngf: int, norm: str, dropout: bool, n_blocks: int
-) -> nn.Module:
-    make_norm, bias = _official_norm(norm), norm == "instance"
-    layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7, bias=bias), make_norm(ngf), nn.ReLU(True)]
-    for mult in (1, 2):
-        layers += [
-            nn.Conv2d(ngf * mult, 2 * ngf * mult, 3, 2, 1, bias=bias),
-            make_norm(2 * ngf * mult),
-            nn.ReLU(True),
-        ]
-    layers += [_OfficialResnetBlock(4 * ngf, norm, dropout) for _ in range(n_blocks)]
-    for mult in (4, 2):
-        up = nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, 2, 1, output_padding=1, bias=bias)
-        layers += [up, make_norm(ngf * mult // 2), nn.ReLU(True)]
-    layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
-    return _OfficialSequential("model", layers)
-
-
-def _official_nlayer(input_nc: int, ndf: int, n_layers: int, norm: str) -> nn.Module:
-    make_norm, bias = _official_norm(norm), norm == "instance"
-    layers = [nn.Conv2d(input_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-    width = ndf
-    for n in range(1, n_layers + 1):
-        new_width = ndf * min(2**n, 8)
-        conv = nn.Conv2d(width, new_width, 4, 2 if n < n_layers else 1, 1, bias=bias)
-        layers += [conv, make_norm(new_width), nn.LeakyReLU(0.2, True)]
-        width = new_width
-    layers.append(nn.Conv2d(width, 1, 4, 1, 1))
-    return _OfficialSequential("model", layers)
-
-
-def _official_pixel(input_nc: int, ndf: int, norm: str) -> nn.Module:
-    make_norm, bias = _official_norm(norm), norm == "instance"
-    layers = [nn.Conv2d(input_nc, ndf, 1), nn.LeakyReLU(0.2, True), nn.Conv2d(ndf, 2 * ndf, 1, bias=bias)]
-    layers += [make_norm(2 * ndf), nn.LeakyReLU(0.2, True), nn.Conv2d(2 * ndf, 1, 1, bias=bias)]
-    return _OfficialSequential("net", layers)
-
-
-def _official_init(net: nn.Module, gain: float = 0.02) -> nn.Module:
-    """The official init_func: dispatch on class names, visited in ``apply`` order."""
-
-    def visit(m: nn.Module) -> None:
-        name = type(m).__name__
-        if hasattr(m, "weight") and ("Conv" in name or "Linear" in name):
-            nn.init.normal_(m.weight.data, 0.0, gain)
-            if m.bias is not None:
-                nn.init.constant_(m.bias.data, 0.0)
-        elif "BatchNorm2d" in name:
-            nn.init.normal_(m.weight.data, 1.0, gain)
-            nn.init.constant_(m.bias.data, 0.0)
-
-    net.apply(visit)
-    return net
-
-
-_UNET_DOWNS = {"unet_256": 8, "unet_128": 7}
-_RESNET_BLOCKS = {"resnet_9blocks": 9, "resnet_6blocks": 6}
-
-
-def _official_G(
-    name: str, ngf: int, norm: str, dropout: bool, input_nc: int = 3, output_nc: int = 3
-) -> nn.Module:
-    if name in _UNET_DOWNS:
-        return _OfficialUnet(input_nc, output_nc, _UNET_DOWNS[name], ngf, norm, dropout)
-    return _official_resnet(input_nc, output_nc, ngf, norm, dropout, _RESNET_BLOCKS[name])
-
-
-def _official_D(name: str, ndf: int, norm: str, n_layers: int = 3, input_nc: int = 6) -> nn.Module:
-    if name == "pixel":
-        return _official_pixel(input_nc, ndf, norm)
-    return _official_nlayer(input_nc, ndf, 3 if name == "basic" else n_layers, norm)
-
-
-# --- helpers --------------------------------------------------------------------------------------------
 
 
 def _count(net: nn.Module) -> int:
@@ -242,10 +83,10 @@ def _official_pair(
     two compute the same ops on differently laid out tensors, which in float32 differs by ~1e-6.
     """
     if kind == "G":
-        official = _official_G(name, width, norm, dropout)
+        official = official_G(name, width, norm, dropout)
         ours = define_G(name, ngf=width, norm=norm, use_dropout=dropout, backend=REF)
     else:
-        official = _official_D(name, width, norm, n_layers)
+        official = official_D(name, width, norm, n_layers)
         ours = define_D(name, ndf=width, n_layers_D=n_layers, norm=norm, backend=REF)
     _randomise(official)
     ours.load_state_dict(convert_official_state_dict(official.state_dict(), name, n_layers_D=n_layers))
@@ -275,9 +116,9 @@ def test_basic_discriminator_parameter_count() -> None:
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("name", GENERATORS)
 def test_generator_counts_and_shapes_match_official_structure(name: str, norm: str) -> None:
-    official = _official_G(name, 64, norm, dropout=True)
-    ours = UnetGenerator(3, 3, _UNET_DOWNS[name], 64, norm, True, backend=REF) if name in _UNET_DOWNS else (
-        ResnetGenerator(3, 3, 64, norm, True, _RESNET_BLOCKS[name], backend=REF)
+    official = official_G(name, 64, norm, dropout=True)
+    ours = UnetGenerator(3, 3, UNET_DOWNS[name], 64, norm, True, backend=REF) if name in UNET_DOWNS else (
+        ResnetGenerator(3, 3, 64, norm, True, RESNET_BLOCKS[name], backend=REF)
     )  # fmt: skip
     converted = convert_official_state_dict(official.state_dict(), name)
     assert _count(ours) == _count(official)
@@ -289,7 +130,7 @@ def test_generator_counts_and_shapes_match_official_structure(name: str, norm: s
 def test_discriminator_counts_and_shapes_match_official_structure(
     name: str, n_layers: int, norm: str
 ) -> None:
-    official = _official_D(name, 64, norm, n_layers)
+    official = official_D(name, 64, norm, n_layers)
     ours = define_D(name, ndf=64, n_layers_D=n_layers, norm=norm, backend=REF)
     converted = convert_official_state_dict(official.state_dict(), name, n_layers_D=n_layers)
     assert _count(ours) == _count(official)
@@ -381,11 +222,11 @@ def test_same_seed_gives_the_official_initial_weights(name: str) -> None:
     """Modules are created and initialised in an order that draws the same random numbers as official."""
     torch.manual_seed(123)
     if name in GENERATORS:
-        official = _official_init(_official_G(name, 8, "batch", dropout=True))
+        official = official_init(official_G(name, 8, "batch", dropout=True))
         torch.manual_seed(123)
         ours = define_G(name, ngf=8, backend=REF)
     else:
-        official = _official_init(_official_D(name, 8, "batch"))
+        official = official_init(official_D(name, 8, "batch"))
         torch.manual_seed(123)
         ours = define_D(name, ndf=8, backend=REF)
     torch.testing.assert_close(
@@ -545,7 +386,7 @@ def test_set_backend_pickle_and_deepcopy() -> None:
      ("resnet_6blocks", "none", False), ("basic", "batch", False), ("pixel", "instance", False)],
 )  # fmt: skip
 def test_conversion_round_trip(name: str, norm: str, dropout: bool) -> None:
-    official = _official_G(name, 4, norm, dropout) if name in GENERATORS else _official_D(name, 4, norm)
+    official = official_G(name, 4, norm, dropout) if name in GENERATORS else official_D(name, 4, norm)
     state = official.state_dict()
     ours = convert_official_state_dict({f"module.{k}": v for k, v in state.items()}, name)
     assert len(ours) == len(state)
@@ -554,7 +395,7 @@ def test_conversion_round_trip(name: str, norm: str, dropout: bool) -> None:
 
 
 def test_conversion_reports_unexpected_and_missing_keys() -> None:
-    state = _official_D("basic", 4, "batch").state_dict()
+    state = official_D("basic", 4, "batch").state_dict()
     with pytest.raises(ValueError, match=r"not part of this architecture: model\.12\.weight"):
         convert_official_state_dict({**state, "model.12.weight": torch.zeros(1)}, "basic")
     with pytest.raises(ValueError, match=r"not part of this architecture: model\.3\.scale"):
@@ -568,13 +409,13 @@ def test_conversion_reports_unexpected_and_missing_keys() -> None:
 
 def test_conversion_handles_old_checkpoints() -> None:
     """Pre-0.4 InstanceNorm running stats are dropped; pre-0.4.1 BatchNorm gets num_batches_tracked."""
-    instance = _official_D("basic", 4, "instance").state_dict()
+    instance = official_D("basic", 4, "instance").state_dict()
     legacy = {**instance, "model.3.running_mean": torch.zeros(8), "model.3.running_var": torch.ones(8)}
     assert (
         convert_official_state_dict(legacy, "basic").keys()
         == convert_official_state_dict(instance, "basic").keys()
     )
-    batch = _official_D("basic", 4, "batch").state_dict()
+    batch = official_D("basic", 4, "batch").state_dict()
     old = {k: v for k, v in batch.items() if not k.endswith("num_batches_tracked")}
     converted = convert_official_state_dict(old, "basic")
     assert converted["layers.1.norm.num_batches_tracked"].item() == 0
@@ -582,7 +423,7 @@ def test_conversion_handles_old_checkpoints() -> None:
 
 
 def test_load_official_checkpoint(tmp_path) -> None:
-    official = _official_G("unet_128", 8, "batch", dropout=True)
+    official = official_G("unet_128", 8, "batch", dropout=True)
     _randomise(official)
     path = tmp_path / "latest_net_G.pth"
     torch.save(official.state_dict(), path)

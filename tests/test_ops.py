@@ -1,6 +1,6 @@
 """The fused ops (``fastpix2pix.ops`` and ``torch.ops.fastpix2pix``) against the plain-PyTorch specification
-``fastpix2pix.reference``: outputs, gradients, running statistics, layouts, dtypes, edge cases, errors, and
-the custom-op contract (``opcheck``, ``gradcheck``, ``torch.compile``).
+``fastpix2pix.ops.reference``: outputs, gradients, running statistics, layouts, dtypes, edge cases, errors,
+and the custom-op contract (``opcheck``, ``gradcheck``, ``torch.compile``).
 
 Every test runs on each of ``DEVICES``: the CPU always, the GPU when there is one and the CUDA kernels
 are built.
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpix2pix.backend import cuda_kernels_available, extension_available
+from fastpix2pix._extension import cuda_kernels_available, extension_available
 
 if not extension_available():
     pytest.skip(
@@ -21,7 +21,8 @@ if not extension_available():
         allow_module_level=True,
     )
 
-from fastpix2pix import ops, reference  # (needs the library, checked above)
+from fastpix2pix.ops import fused as ops  # (needs the library, checked above)
+from fastpix2pix.ops import reference
 
 lib = torch.ops.fastpix2pix
 

@@ -21,9 +21,9 @@ import pytest
 from tiny_run import assert_same, tiny_options
 
 from fastpix2pix import cli
-from fastpix2pix.checkpoint import checkpoint_path, load_checkpoint, stale_temporaries
 from fastpix2pix.data.synthetic import generate_synthetic_facades
-from fastpix2pix.options import TrainOptions
+from fastpix2pix.runs.checkpoint import checkpoint_path, load_checkpoint, stale_temporaries
+from fastpix2pix.runs.options import TrainOptions
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

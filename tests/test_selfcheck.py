@@ -1,5 +1,6 @@
-"""The start-up kernel self-check (fastpix2pix.selfcheck): it passes on working kernels, catches a
-sabotaged one, warns once, and falls back to the reference ops on that device only."""
+"""The start-up self-checks: the kernel check (fastpix2pix.ops.selfcheck) passes on working kernels, catches a
+sabotaged one, warns once and falls back to the reference ops on that device only; the CUDA-graph check
+(fastpix2pix.training.graph_check) passes a correct replay and catches wrong ones."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ import pytest
 import torch
 from tiny_run import tiny_options
 
-from fastpix2pix import reference, selfcheck
-from fastpix2pix.backend import extension_available
-from fastpix2pix.fast_train import EagerGraphRuntime, FastPathConfig, FastTrainer
+from fastpix2pix._extension import extension_available
+from fastpix2pix.ops import reference, selfcheck
+from fastpix2pix.training.fast_step import EagerGraphRuntime, FastPathConfig
+from fastpix2pix.training.fast_trainer import FastTrainer
+from fastpix2pix.training.graph_check import verify_captured_step
 
 if not extension_available():
     pytest.skip(
         "the compiled library fastpix2pix._C is not built: no fused ops to check", allow_module_level=True
     )
 
-from fastpix2pix import info, ops  # (needs the library)
+from fastpix2pix.commands import info
+from fastpix2pix.ops import fused as ops  # (needs the library)
+from fastpix2pix.ops import kernels
 
 CPU = torch.device("cpu")
 
@@ -56,7 +61,7 @@ class _Sabotaged:
 
 
 def _sabotage(monkeypatch: pytest.MonkeyPatch, op: str, relative: float) -> None:
-    monkeypatch.setattr(ops, "_lib", _Sabotaged(op, relative))
+    monkeypatch.setattr(kernels, "_lib", _Sabotaged(op, relative))
 
 
 def test_working_kernels_pass_with_margin():
@@ -129,7 +134,7 @@ def test_a_kernel_that_raises_fails_the_device(monkeypatch):
 
             return call
 
-    monkeypatch.setattr(ops, "_lib", Raising())
+    monkeypatch.setattr(kernels, "_lib", Raising())
     with pytest.warns(selfcheck.KernelCheckWarning, match="no kernel image"):
         checks = selfcheck.verify_kernels(CPU)
     assert not any(c.passed for c in checks)
@@ -203,7 +208,7 @@ def test_a_correct_replay_passes_and_the_check_leaves_no_trace(tiny_data, tmp_pa
     before = step._snapshot()
     data_before = step.source.state_dict()
     rng_before = torch.get_rng_state()
-    result = selfcheck.verify_captured_step(step)
+    result = verify_captured_step(step)
     assert result.passed and result.error == 0 and result.noise == 0, result.describe()
     after = step._snapshot()
     assert all(torch.equal(after[name], value) for name, value in before.items())
@@ -228,7 +233,7 @@ def test_a_replay_on_a_stale_or_skipped_batch_fails(tiny_data, tmp_path):
         step.iteration()
 
     step.graph = _Replay(one_batch_ahead)
-    result = selfcheck.verify_captured_step(step)
+    result = verify_captured_step(step)
     assert not result.passed and result.error > 10 * result.tolerance, result.describe()
 
 
@@ -245,7 +250,7 @@ def test_a_replay_with_another_learning_rate_fails(tiny_data, tmp_path):
             group["lr"] = lr
 
     step.graph = _Replay(doubled_lr)
-    result = selfcheck.verify_captured_step(step)
+    result = verify_captured_step(step)
     assert not result.passed, result.describe()
     assert result.worst.startswith(("G.", "D.", "optG", "optD"))
 
@@ -261,5 +266,5 @@ def test_a_replay_that_skips_the_batchnorm_statistics_fails(tiny_data, tmp_path)
             buffers[name].copy_(value)
 
     step.graph = _Replay(stale_statistics)
-    result = selfcheck.verify_captured_step(step)
+    result = verify_captured_step(step)
     assert not result.passed and "running_mean" in result.worst, result.describe()

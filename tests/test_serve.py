@@ -26,19 +26,10 @@ from PIL import Image
 from serve_fixtures import NAME, SIZE, running_server, save_tiny_model, serve_options
 
 from fastpix2pix.data import read_image, split_ab
-from fastpix2pix.inference import predict
-from fastpix2pix.options import PredictOptions, build_parser
-from fastpix2pix.serve import (
-    ServeApp,
-    ServeHTTPServer,
-    ServeOptions,
-    choose_drawing_mode,
-    exposure_warning,
-    inspect_image,
-    is_loopback,
-    label_schemes,
-    make_server,
-)
+from fastpix2pix.inference.run import predict
+from fastpix2pix.runs.options import PredictOptions, build_parser
+from fastpix2pix.serve.app import ServeApp, ServeOptions, choose_drawing_mode, inspect_image, label_schemes
+from fastpix2pix.serve.http import ServeHTTPServer, exposure_warning, is_loopback, make_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -367,6 +358,64 @@ def test_requests_beyond_the_waiting_limit_are_told_to_retry(
     data = inputs(model[1])["labels.png"]
     statuses = sorted(status for status, _, _ in concurrently(http_server, [data, data]))
     assert statuses == [200, 503]  # --max_waiting 1: the second is refused at once, not queued
+
+
+@pytest.mark.parametrize("netG", ["unet_128", "resnet_6blocks"])
+def test_a_tiny_input_gets_the_same_answer_from_serve_and_predict(netG: str, tmp_path: Path) -> None:
+    """A 3x3 image is padded to the generator's smallest size by both: a ResNet needs two multiples (its
+    bottleneck's reflection pads need 2x2), a U-Net one. Serve once padded to one multiple only, and a
+    ResNet answered 500."""
+    checkpoints, _ = save_tiny_model(tmp_path / "model", netG=netG)
+    data = png_bytes(np.random.default_rng(3).integers(0, 256, (3, 3, 3), dtype=np.uint8))
+    expected = predicted((checkpoints, tmp_path), tmp_path, "tiny.png", data, eval_mode=False)
+    with running_server(serve_options(checkpoints)) as (_, server):
+        status, headers, body = post(server, data)
+    assert status == 200, body[:300]
+    assert decode(body).shape[:2] == (3, 3)
+    smallest = {"unet_128": 128, "resnet_6blocks": 2 * 4}[netG]  # multiples of 2**7 and 2**2
+    assert headers["X-Padded-Size"] == f"{smallest}x{smallest}"
+    np.testing.assert_array_equal(decode(body), expected)
+
+
+def test_a_burst_of_clients_all_get_an_answer(
+    strict: tuple[ServeApp, ServeHTTPServer], model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """96 requests from 32 threads at once: each gets 200 or 503 (--max_waiting 1), none a reset or a
+    timeout. The listening socket's backlog must hold the burst (the standard library's default is 5)."""
+    app, http_server = strict
+    monkeypatch.setattr(app.translator, "engine", CountingEngine(app.translator.engine, delay=0.05))
+    data = inputs(model[1])["labels.png"]
+    host, port = http_server.server_address[:2]
+    threads, per_thread = 32, 3
+    start = threading.Barrier(threads)
+    outcomes: list[str] = []
+    guard = threading.Lock()
+
+    def client() -> None:
+        start.wait(timeout=30)
+        for _ in range(per_thread):
+            connection = http.client.HTTPConnection(host, port, timeout=30)
+            try:
+                connection.request("POST", "/translate", body=data, headers={"Content-Type": "image/png"})
+                response = connection.getresponse()
+                response.read()
+                outcome = str(response.status)
+            except OSError as error:  # reset, refused, timed out
+                outcome = type(error).__name__
+            finally:
+                connection.close()
+            with guard:
+                outcomes.append(outcome)
+
+    workers = [threading.Thread(target=client, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not any(worker.is_alive() for worker in workers), "clients still waiting after 120 s"
+    assert len(outcomes) == threads * per_thread
+    assert set(outcomes) <= {"200", "503"}, sorted(set(outcomes))
+    assert "200" in outcomes
 
 
 # --- the command --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests of fastpix2pix.streaming_data: batches streamed from host memory, against the plain trainer's.
+"""Tests of fastpix2pix.data.sources.streaming: batches streamed from host memory, against the plain
+trainer's.
 
 The streamed batches are the plain trainer's DataLoader batches bit for bit (same order, same per-sample
 draws from ``(seed, epoch, index)``, the same float values), except the samples that top up the wrapped
@@ -23,9 +24,10 @@ from fastpix2pix.data import (
     params_rng,
     sample_params,
 )
-from fastpix2pix.device_data import DeviceDataset, plan_batch_source
-from fastpix2pix.streaming_data import StreamingDataset, sample_rng
-from fastpix2pix.train import EpochSampler
+from fastpix2pix.data.order import EpochSampler
+from fastpix2pix.data.sources.device import DeviceDataset
+from fastpix2pix.data.sources.plan import plan_batch_source
+from fastpix2pix.data.sources.streaming import StreamingDataset, sample_rng
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 

@@ -18,26 +18,20 @@ import torch
 import torch.nn.functional as F
 from tiny_run import tiny_options
 
-import fastpix2pix.checkpoint as checkpoint_module
-import fastpix2pix.train as train_module
-from fastpix2pix.backend import extension_available
-from fastpix2pix.checkpoint import checkpoint_path, load_checkpoint, plain_network_path, save_checkpoint
+import fastpix2pix.runs.checkpoint as checkpoint_module
+import fastpix2pix.training.trainer as train_module
+from fastpix2pix._extension import extension_available
 from fastpix2pix.data import generate_synthetic_facades, shared_facades_root
-from fastpix2pix.inference import evaluate_l1, set_inference_mode, split_loader
+from fastpix2pix.inference.loading import set_inference_mode
+from fastpix2pix.inference.run import evaluate_l1, split_loader
 from fastpix2pix.models import convert_to_official_state_dict
-from fastpix2pix.options import TestOptions, TrainOptions
-from fastpix2pix.train import (
-    LOSS_NAMES,
-    NonFiniteLossError,
-    Objective,
-    Trainer,
-    build_networks,
-    build_optimizers,
-    build_scheduler,
-    check_determinism_support,
-    train_step,
-)
-from fastpix2pix.visualize import read_loss_log
+from fastpix2pix.runs.checkpoint import checkpoint_path, load_checkpoint, plain_network_path, save_checkpoint
+from fastpix2pix.runs.networks import build_networks
+from fastpix2pix.runs.options import TestOptions, TrainOptions
+from fastpix2pix.runs.visualize import read_loss_log
+from fastpix2pix.training.optim import build_optimizers, build_scheduler
+from fastpix2pix.training.step import LOSS_NAMES, NonFiniteLossError, Objective, train_step
+from fastpix2pix.training.trainer import Trainer, check_determinism_support
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from fastpix2pix.options import TrainOptions
-from fastpix2pix.train import Trainer
+from fastpix2pix.runs.options import TrainOptions
+from fastpix2pix.training.trainer import Trainer
 
 
 def tiny_options(dataroot: Path, checkpoints: Path, **changes: object) -> TrainOptions:

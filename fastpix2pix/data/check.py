@@ -31,13 +31,14 @@ from PIL import Image
 
 from fastpix2pix.data.aligned import split_problem
 from fastpix2pix.data.images import (
-    _DECODE_ERRORS,
+    DECODE_ERRORS,
     ImageReadError,
-    _low_byte_rawmode,
-    _tile_rawmode,
+    is_16bit_rgb,
     read_image,
+    tile_rawmode,
 )
 from fastpix2pix.data.transforms import DataOptions, check_size_for_generator, output_size, resized_size
+from fastpix2pix.runtime import usable_cpu_count
 
 __all__ = [
     "DataCheckError",
@@ -48,7 +49,6 @@ __all__ = [
     "check_dataset",
     "check_file",
     "loading_error",
-    "usable_cpu_count",
 ]
 
 _TAIL_BYTES = 64  # read from a file's end: an end marker may be followed by a little padding
@@ -152,7 +152,7 @@ def _pixel_data_end(im: Image.Image) -> int | None:
     for tile in im.tile:
         if tile.codec_name != "raw":
             return None
-        rawmode = _tile_rawmode(tile.args)
+        rawmode = tile_rawmode(tile.args)
         stride = tile.args[1] if isinstance(tile.args, tuple) and len(tile.args) > 1 else 0
         x0, y0, x1, y1 = tile.extents
         if not stride:
@@ -207,10 +207,8 @@ def _decode_problem(path: Path, prefix: str) -> str | None:
 def _pixel_format(im: Image.Image) -> PixelFormat | None:
     """The file's :class:`PixelFormat` from its header, or None when only decoding can tell."""
     mode = im.mode
-    if mode in ("RGB", "RGBA"):
-        rawmodes = {_tile_rawmode(tile.args) for tile in im.tile}
-        if len(rawmodes) == 1 and _low_byte_rawmode(rawmodes.pop() or "") is not None:
-            return PixelFormat(f"16-bit {mode}", 3, 16, "alpha dropped" if mode == "RGBA" else "")
+    if is_16bit_rgb(im):
+        return PixelFormat(f"16-bit {mode}", 3, 16, "alpha dropped" if mode == "RGBA" else "")
     if mode == "I" and im.format == "PNG":  # older Pillow versions read 16-bit grayscale PNG as "I"
         return _FORMATS["I;16"]
     return _FORMATS.get(mode)
@@ -241,7 +239,7 @@ def check_file(path: str | os.PathLike[str]) -> FileCheck:
         return FileCheck(path, problem="unreadable: permission denied")
     except Image.UnidentifiedImageError:
         return FileCheck(path, problem="unreadable: not an image file Pillow can read")
-    except _DECODE_ERRORS as err:  # Pillow decodes WebP when opening it: a cut one fails here
+    except DECODE_ERRORS as err:  # Pillow decodes WebP when opening it: a cut one fails here
         problem = _riff_truncation(ends[0], file_size) or f"unreadable header: {type(err).__name__}: {err}"
         return FileCheck(path, problem=problem)
     if truncated is not None:
@@ -445,14 +443,6 @@ def _generator_problems(
             f"scale_width_and_crop)"
         )
     return lines
-
-
-def usable_cpu_count() -> int:
-    """The CPUs this process may run on: its affinity mask (taskset, Slurm, a container's cpuset), which
-    ``os.cpu_count()`` ignores; ``os.cpu_count()`` where the platform has no affinity call."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def _header_threads(workers: int | None) -> int:

@@ -27,7 +27,7 @@ IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".ti
 _TRUNCATION_LOCK = threading.Lock()
 
 # Pillow errors that mean "this file is not a readable image" (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (
+DECODE_ERRORS = (
     OSError,
     SyntaxError,
     ValueError,
@@ -102,10 +102,25 @@ def _low_byte_rawmode(rawmode: str) -> str | None:
     return f"{base};16{'L' if kind == 'B' else 'B'}"
 
 
-def _tile_rawmode(args: object) -> str | None:
+def tile_rawmode(args: object) -> str | None:
     """The raw mode in a tile's decoder arguments (PNG: the string itself; TIFF: the tuple's first item)."""
     rawmode = args[0] if isinstance(args, tuple) and args else args
     return rawmode if isinstance(rawmode, str) else None
+
+
+def is_16bit_rgb(im: Image.Image) -> bool:
+    """Whether an opened (not decoded) RGB(A) file stores 16 bits per channel, which :func:`read_image`
+    keeps (16-bit PNG and TIFF): from the header alone."""
+    if im.mode not in ("RGB", "RGBA"):
+        return False
+    rawmodes = {tile_rawmode(tile.args) for tile in im.tile}
+    return len(rawmodes) == 1 and _low_byte_rawmode(rawmodes.pop() or "") is not None
+
+
+def header_bytes_per_channel(im: Image.Image) -> int:
+    """The bytes per channel :func:`read_image` decodes an opened file to, from its header alone: 2 for
+    16-bit gray and 16-bit RGB(A) PNG/TIFF, else 1."""
+    return 2 if im.mode.startswith("I;16") or im.mode == "I" or is_16bit_rgb(im) else 1
 
 
 def _with_rawmode(args: object, rawmode: str) -> object:
@@ -114,7 +129,7 @@ def _with_rawmode(args: object, rawmode: str) -> object:
 
 def _read_rgb16(path: Path, high: Image.Image) -> np.ndarray | None:
     """Full-precision ``(H, W, 3)`` uint16 array of a 16-bit RGB(A) file, or None if not one."""
-    rawmodes = {_tile_rawmode(tile.args) for tile in high.tile}
+    rawmodes = {tile_rawmode(tile.args) for tile in high.tile}
     low_rawmode = _low_byte_rawmode(rawmodes.pop() or "") if len(rawmodes) == 1 else None
     if low_rawmode is None:
         return None
@@ -166,7 +181,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
             return _decode(path, im)
     except ImageReadError:
         raise
-    except _DECODE_ERRORS as err:
+    except DECODE_ERRORS as err:
         raise ImageReadError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
 
 
@@ -242,5 +257,5 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
             return im.size
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist") from None
-    except _DECODE_ERRORS as err:
+    except DECODE_ERRORS as err:
         raise ImageReadError(f"cannot read image {path}: {type(err).__name__}: {err}") from err

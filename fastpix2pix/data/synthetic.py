@@ -17,40 +17,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fastpix2pix.labelmaps import FACADES_CLASSES, labels_to_rgb
-
-# The classes of the real facades (CMP), so that the same evaluator reads both.
-SYNTHETIC_CLASSES: tuple[str, ...] = FACADES_CLASSES
-"""Class names; the index of a name is its class id and its row in :data:`SYNTHETIC_PALETTE`."""
-
-# A 12-step "jet" colormap (as the CMP facades labels): adjacent colours differ by >= 90 in some channel,
-# so a label survives mild compression and is decoded by the nearest palette colour.
-SYNTHETIC_PALETTE: np.ndarray = np.array(
-    [
-        [0, 0, 128],
-        [0, 0, 220],
-        [0, 58, 255],
-        [0, 151, 255],
-        [0, 243, 255],
-        [81, 255, 174],
-        [174, 255, 81],
-        [255, 243, 0],
-        [255, 151, 0],
-        [255, 58, 0],
-        [220, 0, 0],
-        [128, 0, 0],
-    ],
-    dtype=np.uint8,
-)
-SYNTHETIC_PALETTE.setflags(write=False)
-
-(BACKGROUND, FACADE, WINDOW, DOOR, CORNICE, SILL, BALCONY, BLIND, DECO, MOLDING, PILLAR, SHOP) = range(12)
+from fastpix2pix.data.labelmaps import FACADES_CLASSES, labels_to_rgb
 
 SYNTHETIC_VERSION = 1  # bump when the generator's output changes, so cached datasets are regenerated
 MARKER_NAME = "synthetic.json"
@@ -473,3 +447,53 @@ def ensure_synthetic_dataset(
     ):
         return root
     return generate_synthetic_facades(root, n_train, n_test, size, seed)
+
+
+DEFAULT_SYNTHETIC_ROOT = Path("datasets") / "synthetic"
+SYNTHETIC_DIRECTION = "BtoA"  # its files are photo | labels, and the task is labels -> photo
+
+
+def resolve_data_source(
+    dataroot: str | None, direction: str, say: Callable[[str], None] | None = None
+) -> tuple[Path, str]:
+    """The dataset folder and direction. With no dataroot: the synthetic dataset (generated on first
+    use), whose task is labels (B) -> photo (A), so a direction left at AtoB becomes BtoA."""
+    if dataroot is None:
+        if say is not None:
+            say(f"no --dataroot: using the synthetic dataset in {DEFAULT_SYNTHETIC_ROOT} (labels -> photo)")
+        return Path(ensure_synthetic_dataset(DEFAULT_SYNTHETIC_ROOT)), SYNTHETIC_DIRECTION
+    root = Path(dataroot)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"--dataroot {root} does not exist or is not a folder (expected a folder with train/ and test/ "
+            f"subfolders of A|B images; `fastpix2pix datasets download facades` fetches one)"
+        )
+    return root, direction
+
+
+# The classes of the real facades (CMP), so that the same evaluator reads both.
+SYNTHETIC_CLASSES: tuple[str, ...] = FACADES_CLASSES
+"""Class names; the index of a name is its class id and its row in :data:`SYNTHETIC_PALETTE`."""
+
+# A 12-step "jet" colormap (as the CMP facades labels): adjacent colours differ by >= 90 in some channel,
+# so a label survives mild compression and is decoded by the nearest palette colour.
+SYNTHETIC_PALETTE: np.ndarray = np.array(
+    [
+        [0, 0, 128],
+        [0, 0, 220],
+        [0, 58, 255],
+        [0, 151, 255],
+        [0, 243, 255],
+        [81, 255, 174],
+        [174, 255, 81],
+        [255, 243, 0],
+        [255, 151, 0],
+        [255, 58, 0],
+        [220, 0, 0],
+        [128, 0, 0],
+    ],
+    dtype=np.uint8,
+)
+SYNTHETIC_PALETTE.setflags(write=False)
+
+(BACKGROUND, FACADE, WINDOW, DOOR, CORNICE, SILL, BALCONY, BLIND, DECO, MOLDING, PILLAR, SHOP) = range(12)

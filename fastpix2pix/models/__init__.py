@@ -9,7 +9,6 @@ network switches all its blocks; state_dicts are the same either way. Official c
 
 from __future__ import annotations
 
-from fastpix2pix.backend import default_backend
 from fastpix2pix.models.convert import (
     convert_official_state_dict,
     convert_to_official_state_dict,
@@ -19,6 +18,7 @@ from fastpix2pix.models.discriminators import NLayerDiscriminator, PixelDiscrimi
 from fastpix2pix.models.generators import ResnetBlock, ResnetGenerator, UnetGenerator
 from fastpix2pix.models.init import INIT_TYPES, init_weights
 from fastpix2pix.models.layers import NORMS, ConvBlock, Network
+from fastpix2pix.ops.backend import default_backend
 
 GENERATORS = ("unet_256", "unet_128", "resnet_9blocks", "resnet_6blocks")
 DISCRIMINATORS = ("basic", "n_layers", "pixel")

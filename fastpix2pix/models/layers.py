@@ -2,11 +2,11 @@
 
 The official pix2pix code orders its layers activation -> conv -> norm. fastpix2pix regroups the same
 sequence as conv -> norm -> *the activation the next layer starts with*, so that each group is one
-fused op (:func:`fastpix2pix.reference.conv_bn_act` or :func:`~fastpix2pix.reference.conv_bias_act`).
+fused op (:func:`fastpix2pix.ops.reference.conv_bn_act` or :func:`~fastpix2pix.ops.reference.conv_bias_act`).
 The parameters live in ordinary ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.BatchNorm2d`` submodules,
 so a state_dict is the same whichever backend computes the block. Norm ``syncbatch`` holds a
-:class:`~fastpix2pix.distributed.SyncBatchNorm2d` (a BatchNorm2d: same state_dict) and takes its training
-statistics over the whole process group (:mod:`fastpix2pix.distributed`).
+:class:`~fastpix2pix.ops.sync_bn.SyncBatchNorm2d` (a BatchNorm2d: same state_dict) and takes its training
+statistics over the whole process group (:mod:`fastpix2pix.ops.sync_bn`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpix2pix.backend import default_backend, get_backend
-from fastpix2pix.distributed import SyncBatchNorm2d, reference_sync_batch_norm, sync_bn_act, sync_group
-from fastpix2pix.reference import activation, convolution
+from fastpix2pix.ops.backend import default_backend, get_backend
+from fastpix2pix.ops.reference import activation, convolution
+from fastpix2pix.ops.sync_bn import SyncBatchNorm2d, reference_sync_batch_norm, sync_bn_act, sync_group
 
 NORMS = ("batch", "syncbatch", "instance", "none")
 _BATCH_NORMS = ("batch", "syncbatch")

@@ -1,0 +1,46 @@
+"""The public fused ops: the kernels where the start-up check passed on the device, else the reference ops."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from fastpix2pix.ops import kernels, reference
+from fastpix2pix.ops.selfcheck import fused_kernels_usable
+
+__all__ = ["conv_bias_act", "conv_bn_act", "gan_loss", "l1_loss", "update_running_stats"]
+
+
+F = TypeVar("F", bound=Callable[..., torch.Tensor])
+
+
+@torch.compiler.assume_constant_result
+def _usable(device: torch.device) -> bool:
+    # A constant for torch.compile: the verdict is a per-device fact, fixed for the process.
+    return fused_kernels_usable(device)
+
+
+def _self_checked(fallback: Callable[..., torch.Tensor]) -> Callable[[F], F]:
+    """Run ``fallback`` (the reference op) instead on a device where the kernel check failed
+    (:mod:`fastpix2pix.ops.selfcheck`, which also runs that check the first time a device is used)."""
+
+    def decorate(fused: F) -> F:
+        @functools.wraps(fused)
+        def call(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if _usable(x.device):
+                return fused(x, *args, **kwargs)
+            return fallback(x, *args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return decorate
+
+
+conv_bn_act = _self_checked(reference.conv_bn_act)(kernels.conv_bn_act)
+conv_bias_act = _self_checked(reference.conv_bias_act)(kernels.conv_bias_act)
+gan_loss = _self_checked(reference.gan_loss)(kernels.gan_loss)
+l1_loss = _self_checked(reference.l1_loss)(kernels.l1_loss)
+update_running_stats = kernels.update_running_stats

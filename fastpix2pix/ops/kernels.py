@@ -1,0 +1,362 @@
+"""The fused ops: typed wrappers, fake (meta) kernels and autograd for ``torch.ops.fastpix2pix``.
+
+The schemas and their documentation are in ``csrc/fastpix2pix.cpp``; the kernels in ``csrc/cpu`` and
+``csrc/cuda``. The public functions here have the signatures of :mod:`fastpix2pix.ops.reference` and compute
+the same results. Importing this module needs the compiled library (see :mod:`fastpix2pix.ops.backend`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastpix2pix._extension import REBUILD_HINT, extension_available
+from fastpix2pix.ops.reference import GAN_MODES
+
+__all__ = ["conv_bias_act", "conv_bn_act", "gan_loss", "l1_loss", "update_running_stats"]
+
+if not extension_available():
+    raise ImportError(f"fastpix2pix.ops needs the compiled library fastpix2pix._C: {REBUILD_HINT}")
+
+_lib = torch.ops.fastpix2pix
+
+
+# --- the ops, called directly (no self-check: fastpix2pix.ops.fused gates them) ----------------------
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    output_padding: Sequence[int] = (0, 0),
+    transposed: bool = False,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    negative_slope: float = 0.0,
+) -> torch.Tensor:
+    """Convolution (no bias) -> BatchNorm2d -> activation: :func:`fastpix2pix.ops.reference.conv_bn_act`."""
+    if training:
+        _check_values_per_channel(x, weight, stride, padding, output_padding, transposed)
+    out, _, mean, var = _lib.conv_bn_act(
+        x,
+        weight,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        list(stride),
+        list(padding),
+        list(output_padding),
+        transposed,
+        training,
+        eps,
+        negative_slope,
+    )
+    # An empty batch has no statistics (bn_stats returns NaN): like nn.BatchNorm2d, leave the running ones.
+    if training and running_mean is not None and running_var is not None and out.numel() > 0:
+        update_running_stats(running_mean, running_var, mean, var, out.numel() // out.shape[1], momentum)
+    return out
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    output_padding: Sequence[int] = (0, 0),
+    transposed: bool = False,
+    negative_slope: float = 1.0,
+) -> torch.Tensor:
+    """Convolution, optional bias -> activation: :func:`fastpix2pix.ops.reference.conv_bias_act`."""
+    return _lib.conv_bias_act(
+        x, weight, bias, list(stride), list(padding), list(output_padding), transposed, negative_slope
+    )
+
+
+def gan_loss(logits: torch.Tensor, target_is_real: bool, mode: str = "vanilla") -> torch.Tensor:
+    """Mean GAN loss of a patch map; its gradient is computed in the same pass as the value."""
+    if mode not in GAN_MODES:
+        raise ValueError(f"gan_loss: mode must be one of {GAN_MODES}, got {mode!r}")
+    loss, _ = _lib.gan_loss(logits, target_is_real, mode, _wants_grad(logits))
+    return loss
+
+
+def l1_loss(pred: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """``weight * mean|pred - target|``; its gradient is computed in the same pass as the value."""
+    loss, _ = _lib.l1_loss(pred, target, weight, _wants_grad(pred, target))
+    return loss
+
+
+def update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """The running-statistics update of ``nn.BatchNorm2d`` (unbiased variance), in place.
+
+    It is kept out of the ops so that no op autograd sees mutates its inputs.
+    """
+    if count <= 1:
+        raise ValueError(f"update_running_stats: need more than 1 value per channel, got {count}")
+    with torch.no_grad():
+        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+        unbiased_var = batch_var * (count / (count - 1))
+        running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+
+
+def _check_values_per_channel(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    output_padding: Sequence[int],
+    transposed: bool,
+) -> None:
+    """nn.BatchNorm2d's error for a training batch with one value per channel, raised before the op.
+
+    The op checks this too, but on the first GPU run (H200, torch 2.11) that error, raised by the CUDA
+    statistics kernel under the convolution, crashed the process instead of reaching Python (cause not found
+    yet; see benchmarks/cuda_error_paths.py). A user's batch-1 1x1 input must get the message, not a crash.
+    """
+    if x.dim() != 4 or weight.dim() != 4:
+        return  # the op's own checks name the problem
+    spatial = 1
+    for axis in (0, 1):
+        size, kernel = x.shape[2 + axis], weight.shape[2 + axis]
+        if transposed:
+            spatial *= (size - 1) * stride[axis] - 2 * padding[axis] + kernel + output_padding[axis]
+        else:
+            spatial *= (size + 2 * padding[axis] - kernel) // stride[axis] + 1
+    if x.shape[0] * spatial == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{torch.Size([1, weight.shape[1] if transposed else weight.shape[0], 1, 1])}"
+        )
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# --- fake kernels: shapes, dtypes and layouts only, for torch.compile and FakeTensor ----------------
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = x.shape[1]
+    dtype = _stats_dtype(x)
+    return x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
+
+
+def _conv_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    output_padding: Sequence[int],
+    transposed: bool,
+) -> torch.Tensor:
+    # ATen's own convolution meta kernel decides the shape and the memory format, as the real op does.
+    return torch.ops.aten.convolution(x, weight, None, stride, padding, [1, 1], transposed, output_padding, 1)
+
+
+def _conv_backward_fake(grad_y, x, weight, stride, padding, output_padding, transposed, need_x, need_weight):
+    # ATen's convolution_backward meta kernel decides the layouts, as the real op's call does (they are not
+    # empty_like's: an NCHW input with channels_last weights gets a channels_last grad_x, for one).
+    if not (need_x or need_weight):
+        return None, None
+    mask = [need_x, need_weight, False]
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_y, x, weight, None, stride, padding, [1, 1], transposed, output_padding, 1, mask
+    )
+    return grad_x, grad_weight
+
+
+@torch.library.register_fake("fastpix2pix::bn_stats")
+def _bn_stats_fake(x):
+    return _channel_stats(x)
+
+
+@torch.library.register_fake("fastpix2pix::bn_act_forward")
+def _bn_act_forward_fake(x, mean, var, weight, bias, eps, negative_slope):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("fastpix2pix::bn_act_backward_reduce")
+def _bn_act_backward_reduce_fake(grad_out, x, mean, var, weight, bias, eps, negative_slope):
+    return _channel_stats(x)
+
+
+@torch.library.register_fake("fastpix2pix::bn_act_backward_apply")
+def _bn_act_backward_apply_fake(
+    grad_out, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, negative_slope, training
+):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("fastpix2pix::bias_act_forward")
+def _bias_act_forward_fake(x, bias, negative_slope):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("fastpix2pix::bias_act_backward")
+def _bias_act_backward_fake(grad_out, out, negative_slope, need_bias_grad):
+    grad_bias = out.new_empty(out.shape[1]) if need_bias_grad else None
+    return torch.empty_like(out), grad_bias
+
+
+@torch.library.register_fake("fastpix2pix::gan_loss")
+def _gan_loss_fake(logits, target_is_real, mode, compute_grad):
+    grad = torch.empty_like(logits) if compute_grad else None
+    return logits.new_empty((), dtype=_stats_dtype(logits)), grad
+
+
+@torch.library.register_fake("fastpix2pix::l1_loss")
+def _l1_loss_fake(pred, target, weight, compute_grad):
+    grad = torch.empty_like(pred) if compute_grad else None
+    return pred.new_empty((), dtype=_stats_dtype(pred)), grad
+
+
+@torch.library.register_fake("fastpix2pix::conv_bn_act")
+def _conv_bn_act_fake(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, output_padding, transposed,
+    training, eps, negative_slope,
+):  # fmt: skip
+    conv_out = _conv_fake(x, weight, stride, padding, output_padding, transposed)
+    return (torch.empty_like(conv_out), conv_out, *_channel_stats(conv_out))
+
+
+@torch.library.register_fake("fastpix2pix::conv_bn_act_backward")
+def _conv_bn_act_backward_fake(
+    grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride, padding, output_padding, transposed,
+    training, eps, negative_slope, output_mask,
+):  # fmt: skip
+    grad_y = torch.empty_like(conv_out)  # bn_act_backward_apply's output
+    conv_args = (stride, padding, output_padding, transposed)
+    return (
+        *_conv_backward_fake(grad_y, x, weight, *conv_args, output_mask[0], output_mask[1]),
+        torch.empty_like(bn_weight) if output_mask[2] else None,
+        torch.empty_like(bn_bias) if output_mask[3] else None,
+    )
+
+
+@torch.library.register_fake("fastpix2pix::conv_bias_act")
+def _conv_bias_act_fake(x, weight, bias, stride, padding, output_padding, transposed, negative_slope):
+    return torch.empty_like(_conv_fake(x, weight, stride, padding, output_padding, transposed))
+
+
+@torch.library.register_fake("fastpix2pix::conv_bias_act_backward")
+def _conv_bias_act_backward_fake(
+    grad_out, x, weight, out, stride, padding, output_padding, transposed, negative_slope, output_mask
+):
+    # As conv_bias_act_backward: grad_out passes through when there is no activation nor bias grad.
+    grad_y = torch.empty_like(out) if negative_slope != 1.0 or output_mask[2] else grad_out
+    conv_args = (stride, padding, output_padding, transposed)
+    return (
+        *_conv_backward_fake(grad_y, x, weight, *conv_args, output_mask[0], output_mask[1]),
+        out.new_empty(out.shape[1]) if output_mask[2] else None,
+    )
+
+
+# --- autograd: each forward op's backward is another op (or, for the losses, a saved gradient) ----
+
+
+def _conv_bn_act_setup(ctx, inputs, output) -> None:
+    x, weight, bn_weight, bn_bias, _, _, stride, padding, output_padding, transposed, training, eps, slope = (
+        inputs
+    )
+    _, conv_out, mean, var = output
+    ctx.mark_non_differentiable(conv_out, mean, var)
+    ctx.save_for_backward(x, weight, conv_out, bn_weight, bn_bias, mean, var)
+    ctx.conv_args = (stride, padding, output_padding, transposed)
+    ctx.bn_args = (training, eps, slope)
+
+
+def _conv_bn_act_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
+    x, weight, conv_out, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], bn_weight is not None and needs[2], bn_bias is not None and needs[3]]
+    grad_x, grad_weight, grad_bn_weight, grad_bn_bias = _lib.conv_bn_act_backward(
+        grad_out,
+        x,
+        weight,
+        conv_out,
+        bn_weight,
+        bn_bias,
+        mean,
+        var,
+        *ctx.conv_args,
+        *ctx.bn_args,
+        output_mask,
+    )
+    return (grad_x, grad_weight, grad_bn_weight, grad_bn_bias, *([None] * 9))
+
+
+def _conv_bias_act_setup(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding, output_padding, transposed, slope = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+    ctx.conv_args = (stride, padding, output_padding, transposed)
+    ctx.slope = slope
+
+
+def _conv_bias_act_backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], ctx.has_bias and needs[2]]
+    grad_x, grad_weight, grad_bias = _lib.conv_bias_act_backward(
+        grad_out, x, weight, out, *ctx.conv_args, ctx.slope, output_mask
+    )
+    return (grad_x, grad_weight, grad_bias, *([None] * 5))
+
+
+def _loss_setup(ctx, inputs, output) -> None:
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+
+
+def _scaled_saved_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    (grad,) = ctx.saved_tensors
+    if grad is None:
+        raise RuntimeError(
+            "fastpix2pix loss: backward called but the forward computed no gradient "
+            "(compute_grad=False); call the op with compute_grad=True to differentiate it"
+        )
+    return grad * grad_loss.to(grad.dtype)
+
+
+def _gan_loss_backward(ctx, grad_loss, _grad_grad):
+    return _scaled_saved_grad(ctx, grad_loss), None, None, None
+
+
+def _l1_loss_backward(ctx, grad_loss, _grad_grad):
+    grad_pred = _scaled_saved_grad(ctx, grad_loss)
+    grad_target = -grad_pred if ctx.needs_input_grad[1] else None
+    return grad_pred, grad_target, None, None
+
+
+torch.library.register_autograd(
+    "fastpix2pix::conv_bn_act", _conv_bn_act_backward, setup_context=_conv_bn_act_setup
+)
+torch.library.register_autograd(
+    "fastpix2pix::conv_bias_act", _conv_bias_act_backward, setup_context=_conv_bias_act_setup
+)
+torch.library.register_autograd("fastpix2pix::gan_loss", _gan_loss_backward, setup_context=_loss_setup)
+torch.library.register_autograd("fastpix2pix::l1_loss", _l1_loss_backward, setup_context=_loss_setup)

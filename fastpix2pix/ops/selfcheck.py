@@ -1,0 +1,333 @@
+"""Start-up self-checks: the fused kernels against the reference ops, a captured CUDA graph against eager.
+
+The CUDA path is tested where a GPU was lent to the project, which is rarely; a user's GPU, driver or
+toolkit may differ from anything tested. So the package checks itself where it runs:
+
+* **Kernels** (:func:`verify_kernels`): the first time a process uses the fused ops on a device, every
+  public fused op (:mod:`fastpix2pix.ops`) runs once on small random float32 inputs, forward and backward,
+  against :mod:`fastpix2pix.ops.reference` (the same functions in plain PyTorch). An op whose output or any
+  gradient differs by more than :data:`KERNEL_TOLERANCE` (relative norm error), or is not finite where the
+  reference is, fails the device: a :class:`KernelCheckWarning` names the op, the device and the error,
+  once, and every fused op on that device runs the reference implementation from then on. The check takes
+  a few milliseconds on a GPU (a few tens on a CPU). ``fastpix2pix info --check`` runs it and prints a table.
+* **CUDA graphs** (:func:`verify_captured_step`): after the fast trainer captures its iteration, one eager
+  iteration and one graph replay run from the same weights, optimizer state, BatchNorm statistics and
+  random-generator states and are compared; the state is restored afterwards, so training is unchanged.
+
+Both are on by default. ``--no_self_check`` (train) or the environment variable
+``FASTPIX2PIX_SELF_CHECK=0`` turns them off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastpix2pix.ops import reference
+
+__all__ = [
+    "KERNEL_TOLERANCE",
+    "KERNEL_TOLERANCE_FACTOR",
+    "KernelCheckWarning",
+    "OpCheck",
+    "fused_kernels_usable",
+    "reset_kernel_checks",
+    "self_check_enabled",
+    "set_self_check",
+    "verify_kernels",
+]
+
+# Each output and gradient of a fused op is compared with the reference op computed in float64 on the CPU
+# (relative norm error). The fused op may be off by KERNEL_TOLERANCE_FACTOR times the float32 reference
+# op's own error, and always by KERNEL_TOLERANCE: TF32 is off during the check, but the convolutions of the
+# two sides may still run different cuDNN algorithms, whose float32 rounding differs. Measured on CPU: the
+# fused ops are within 1e-6 (often more exact than the reference op). A kernel bug (a missed element or
+# block, a wrong index, a biased variance, a wrong eps) costs 1e-3 or far more.
+KERNEL_TOLERANCE = 5e-5
+KERNEL_TOLERANCE_FACTOR = 4.0
+
+_ENV_SWITCH = "FASTPIX2PIX_SELF_CHECK"
+
+
+class KernelCheckWarning(RuntimeWarning):
+    """A fused kernel disagreed with the reference op on a device; that device now uses the reference."""
+
+
+@dataclass(frozen=True)
+class OpCheck:
+    """One fused op's comparison on one device, for its worst output or gradient: the relative error of
+    the fused op and of the float32 reference op, both against a float64 reference on the CPU."""
+
+    op: str
+    device: str
+    error: float
+    worst: str  # which output or gradient
+    reference_error: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.tolerance  # False for NaN as well
+
+    @property
+    def margin(self) -> float:
+        return self.error / self.tolerance
+
+
+# --- switching the checks ---------------------------------------------------------------------------------
+
+_enabled: bool | None = None  # None: read the environment variable at the first use
+
+
+def self_check_enabled() -> bool:
+    global _enabled
+    if _enabled is None:
+        _enabled = os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    return _enabled
+
+
+def set_self_check(enabled: bool) -> None:
+    """Turn both start-up checks on or off for this process (``--no_self_check``)."""
+    global _enabled
+    _enabled = enabled
+
+
+# --- the kernel check ---------------------------------------------------------------------------------------
+
+# Devices checked in this process: True (the fused kernels are used) or False (the reference ops are).
+_verdicts: dict[str, bool] = {}
+_checking = False  # the check itself calls the fused ops: they must not recurse into it
+
+
+def reset_kernel_checks() -> None:
+    """Forget every device's verdict (tests; a process that rebuilt its kernels)."""
+    _verdicts.clear()
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def fused_kernels_usable(device: torch.device) -> bool:
+    """Whether the fused ops should run on ``device``: checks the device the first time (see module doc).
+
+    Never checks while tracing for ``torch.compile`` or capturing a CUDA graph (a check synchronises):
+    the device is then taken as usable until an eager call has checked it. The fast trainer checks before
+    it captures.
+    """
+    if _checking:
+        return True
+    key = _device_key(device)
+    verdict = _verdicts.get(key)
+    if verdict is not None:
+        return verdict
+    if not self_check_enabled() or _cannot_check_now(device):
+        return True
+    return all(check.passed for check in verify_kernels(device))
+
+
+def _cannot_check_now(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def verify_kernels(device: torch.device | str) -> list[OpCheck]:
+    """Run every case of :data:`CASES` on ``device``, record the verdict, warn once on a failure."""
+    global _checking
+    device = torch.device(device)
+    key = _device_key(device)
+    from fastpix2pix.ops import kernels  # needs the compiled library: the reference ops work without it
+
+    _checking = True
+    try:
+        with _float32_conditions(device):
+            checks = [_run_case(name, case, kernels, device) for name, case in CASES.items()]
+    finally:
+        _checking = False
+    failed = [check for check in checks if not check.passed]
+    _verdicts[key] = not failed
+    if failed:
+        details = "; ".join(f"{c.op}: {c.worst} off by {c.error:.2e} > {c.tolerance:.1e}" for c in failed)
+        warnings.warn(
+            f"fastpix2pix: the fused kernels disagree with the reference ops on {key} ({details}): "
+            f"using the reference ops on {key} for this process. "
+            "Please report this with the output of `fastpix2pix info --check`.",
+            KernelCheckWarning,
+            stacklevel=3,
+        )
+    return checks
+
+
+@contextlib.contextmanager
+def _float32_conditions(device: torch.device) -> Iterator[None]:
+    """Plain float32 arithmetic on both sides: no autocast, no TF32, the caller's RNG untouched."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(device.type, enabled=False))
+        stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
+        stack.enter_context(torch.enable_grad())
+        saved_matmul = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        stack.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", saved_matmul)
+        yield
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||got - expected|| / ||expected||`` in float64 (absolute when ``expected`` is zero); inf when
+    ``got`` is not finite where ``expected`` is, or the shapes differ."""
+    if got.shape != expected.shape:
+        return math.inf
+    got, expected = got.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.equal(torch.isfinite(got), torch.isfinite(expected)):
+        return math.inf
+    finite = torch.isfinite(expected)
+    diff = float((got[finite] - expected[finite]).norm())
+    scale = float(expected[finite].norm())
+    return diff / scale if scale > 0 else diff
+
+
+# A case builds its inputs from a generator (on the CPU, moved to the device) and returns the function
+# to compare: called with an ops module (fastpix2pix.ops or fastpix2pix.ops.reference) and fresh leaf copies
+# of the inputs, it returns the tensors to compare (outputs, then what mutated in place).
+Case = Callable[[torch.Generator, torch.device], tuple[list[torch.Tensor], Callable[..., list[torch.Tensor]]]]
+
+
+def _randn(generator: torch.Generator, device: torch.device, *shape: int, channels_last: bool = False):
+    t = torch.randn(shape, generator=generator).to(device)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
+def _conv_bn_act_case(*, transposed: bool, slope: float, training: bool, channels_last: bool) -> Case:
+    # Sizes that take several thread blocks on a GPU (the reductions' two-level path) yet stay a few ms.
+    def build(gen: torch.Generator, dev: torch.device):
+        x = _randn(gen, dev, 4, 16, 24, 24, channels_last=channels_last)
+        shape = (16, 32, 4, 4) if transposed else (32, 16, 4, 4)
+        weight = _randn(gen, dev, *shape, channels_last=channels_last) * 0.1
+        bn_weight = 1 + 0.1 * _randn(gen, dev, 32)
+        bn_bias = 0.1 * _randn(gen, dev, 32)
+        running = [0.1 * _randn(gen, dev, 32), 1 + 0.1 * _randn(gen, dev, 32).abs()]
+
+        def run(ops, x, weight, bn_weight, bn_bias):
+            mean, var = (t.to(x.device, x.dtype, copy=True) for t in running)
+            out = ops.conv_bn_act(
+                x, weight, bn_weight, bn_bias, mean, var, stride=(2, 2), padding=(1, 1),
+                transposed=transposed, training=training, negative_slope=slope,
+            )  # fmt: skip
+            return [out, mean, var]
+
+        return [x, weight, bn_weight, bn_bias], run
+
+    return build
+
+
+def _conv_bias_act_case(*, transposed: bool, slope: float, channels_last: bool) -> Case:
+    def build(gen: torch.Generator, dev: torch.device):
+        x = _randn(gen, dev, 4, 16, 24, 24, channels_last=channels_last)
+        shape = (16, 8, 4, 4) if transposed else (8, 16, 4, 4)
+        weight = _randn(gen, dev, *shape, channels_last=channels_last) * 0.1
+        bias = 0.1 * _randn(gen, dev, 8)
+
+        def run(ops, x, weight, bias):
+            out = ops.conv_bias_act(
+                x, weight, bias, stride=(2, 2), padding=(1, 1), transposed=transposed, negative_slope=slope
+            )
+            return [out]
+
+        return [x, weight, bias], run
+
+    return build
+
+
+def _gan_loss_case(*, mode: str, real: bool) -> Case:
+    def build(gen: torch.Generator, dev: torch.device):
+        # A batch of 16 70x70-PatchGAN maps of a 256 px image: 15,376 logits.
+        logits = 2 * _randn(gen, dev, 16, 1, 31, 31, channels_last=True)
+        return [logits], lambda ops, logits: [ops.gan_loss(logits, real, mode)]
+
+    return build
+
+
+def _l1_loss_case(gen: torch.Generator, dev: torch.device):
+    pred, target = _randn(gen, dev, 4, 3, 64, 64), _randn(gen, dev, 4, 3, 64, 64)
+    return [pred, target], lambda ops, pred, target: [ops.l1_loss(pred, target, 100.0)]
+
+
+CASES: dict[str, Case] = {
+    "conv_bn_act (down, LeakyReLU, NCHW)": _conv_bn_act_case(
+        transposed=False, slope=0.2, training=True, channels_last=False
+    ),
+    "conv_bn_act (down, LeakyReLU, channels_last)": _conv_bn_act_case(
+        transposed=False, slope=0.2, training=True, channels_last=True
+    ),
+    "conv_bn_act (up, ReLU, channels_last)": _conv_bn_act_case(
+        transposed=True, slope=0.0, training=True, channels_last=True
+    ),
+    "conv_bn_act (eval)": _conv_bn_act_case(transposed=False, slope=0.2, training=False, channels_last=True),
+    "conv_bias_act (LeakyReLU)": _conv_bias_act_case(transposed=False, slope=0.2, channels_last=True),
+    "conv_bias_act (up, identity)": _conv_bias_act_case(transposed=True, slope=1.0, channels_last=False),
+    "gan_loss (vanilla, real)": _gan_loss_case(mode="vanilla", real=True),
+    "gan_loss (vanilla, fake)": _gan_loss_case(mode="vanilla", real=False),
+    "gan_loss (lsgan, real)": _gan_loss_case(mode="lsgan", real=True),
+    "l1_loss": _l1_loss_case,
+}
+
+
+def _run_case(name: str, case: Case, ops: Any, device: torch.device) -> OpCheck:
+    generator = torch.Generator().manual_seed(0)  # the caller's generators stay untouched
+    inputs, run = case(generator, device)
+    cpu64 = [t.detach().to("cpu", torch.float64) for t in inputs]
+    try:
+        fused = _outputs_and_grads(run, ops, inputs)
+    except Exception as error:  # e.g. no kernel image for this GPU: the reference ops still work
+        return OpCheck(
+            name, _device_key(device), math.inf, f"raised {error}"[:300], math.nan, KERNEL_TOLERANCE
+        )
+    float32 = _outputs_and_grads(run, reference, inputs)
+    exact = _outputs_and_grads(run, reference, cpu64)
+    labels = [f"output {i}" for i in range(len(fused) - len(inputs))]
+    labels += [f"grad of input {i}" for i in range(len(inputs))]
+    worst: OpCheck | None = None
+    for label, got, ours, truth in zip(labels, fused, float32, exact, strict=True):
+        error = relative_error(got, truth)
+        baseline = relative_error(ours, truth)
+        tolerance = max(KERNEL_TOLERANCE, KERNEL_TOLERANCE_FACTOR * baseline)
+        check = OpCheck(name, _device_key(device), error, label, baseline, tolerance)
+        if worst is None or not check.passed or (worst.passed and check.margin > worst.margin):
+            worst = check
+            if not check.passed:
+                break
+    assert worst is not None
+    return worst
+
+
+def _outputs_and_grads(
+    run: Callable[..., list[torch.Tensor]], module: Any, inputs: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outputs = run(module, *leaves)
+    # A fixed random cotangent for the first output (the one autograd flows through).
+    cotangent = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(1))
+    outputs[0].backward(cotangent.to(outputs[0].device, outputs[0].dtype))
+    return [*outputs, *(leaf.grad for leaf in leaves)]
+
+
+def format_kernel_checks(checks: list[OpCheck]) -> str:
+    """The table ``fastpix2pix info --check`` prints."""
+    width = max(len(c.op) for c in checks)
+    lines = [f"  {'op':<{width}}  {'device':<8}  {'fused':>9}  {'reference':>9}  {'allowed':>9}  result"]
+    for c in checks:
+        verdict = "ok" if c.passed else f"FAILED ({c.worst})"
+        lines.append(
+            f"  {c.op:<{width}}  {c.device:<8}  {c.error:>9.2e}  {c.reference_error:>9.2e}  "
+            f"{c.tolerance:>9.2e}  {verdict}"
+        )
+    return "\n".join(lines)

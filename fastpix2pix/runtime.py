@@ -1,0 +1,151 @@
+"""What a process needs from its machine: the device, seeds and determinism, usable CPUs, safe file writes,
+the version."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as metadata_version
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ATOMIC_TEMP_SUFFIX",
+    "atomic_write",
+    "data_workers",
+    "determinism",
+    "package_version",
+    "resolve_device",
+    "seed_everything",
+    "usable_cpu_count",
+]
+
+
+def package_version() -> str:
+    """The installed fastpix2pix version ("0+unknown" in a source tree that was never installed)."""
+    try:
+        return metadata_version("fastpix2pix")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+# --- building blocks --------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; a CUDA device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's random, numpy's global generator and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool) -> Iterator[None]:
+    """Deterministic algorithms and no cuDNN autotuning inside the block (restored after: they are global).
+
+    Off, cuDNN autotuning is switched on instead: pix2pix trains at fixed shapes.
+    """
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    if enabled:
+        # cuBLAS needs this before its first use to be deterministic; harmless on CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic = saved[1]
+        torch.backends.cudnn.benchmark = saved[2]
+
+
+def data_workers(requested: int) -> int:
+    """``--num_threads`` capped at the usable CPUs (shared by this machine's processes under torchrun):
+    more loader processes than cores only take them from the training process (and torch warns)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(requested, max(1, usable_cpu_count() // max(1, processes)))
+
+
+def usable_cpu_count() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, Slurm, a container's cpuset), which
+    ``os.cpu_count()`` ignores; ``os.cpu_count()`` where the platform has no affinity call."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+# The temporary of ``atomic_write(folder/name)``: ``folder/.<name>.<8 characters of mkstemp>.tmp``.
+ATOMIC_TEMP_SUFFIX = ".tmp"
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[BinaryIO], None],
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a file through ``write(file)`` so that ``path`` is either the old file or the complete new one.
+
+    The temporary ``.<name>.<8 random characters>.tmp`` lives in the same folder (``os.replace`` is atomic
+    only within one file system); it is flushed to disk, given to ``check`` (which may raise to keep the old
+    file), renamed, and the rename made durable. An exception removes it; a killed process leaves it
+    (``fastpix2pix.runs.checkpoint.remove_stale_temporaries`` finds a run folder's).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=ATOMIC_TEMP_SUFFIX, dir=path.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        if check is not None:
+            check(temp)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make the rename itself durable; not possible on every platform (e.g. Windows), where it is skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
