@@ -18,6 +18,7 @@ from fastpix2pix.models.discriminators import NLayerDiscriminator, PixelDiscrimi
 from fastpix2pix.models.generators import ResnetBlock, ResnetGenerator, UnetGenerator
 from fastpix2pix.models.init import INIT_TYPES, init_weights
 from fastpix2pix.models.layers import NORMS, ConvBlock, Network
+from fastpix2pix.models.size import SizeRule, min_size, size_multiple, size_rule
 from fastpix2pix.ops.backend import default_backend
 
 GENERATORS = ("unet_256", "unet_128", "resnet_9blocks", "resnet_6blocks")
@@ -34,6 +35,7 @@ __all__ = [
     "PixelDiscriminator",
     "ResnetBlock",
     "ResnetGenerator",
+    "SizeRule",
     "UnetGenerator",
     "convert_official_state_dict",
     "convert_to_official_state_dict",
@@ -41,7 +43,10 @@ __all__ = [
     "define_G",
     "init_weights",
     "load_official_checkpoint",
+    "min_size",
     "patch_receptive_field",
+    "size_multiple",
+    "size_rule",
 ]
 
 
