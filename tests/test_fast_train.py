@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +24,13 @@ from fastpix2pix.runs.checkpoint import checkpoint_path, load_checkpoint
 from fastpix2pix.runs.networks import Networks, build_networks
 from fastpix2pix.runs.options import TrainOptions, parse_options
 from fastpix2pix.runs.visualize import read_loss_log
-from fastpix2pix.training.fast_step import EagerGraphRuntime, FastPathConfig, FastStep, build_fast_optimizers
+from fastpix2pix.training.fast_step import (
+    LOSS_BUFFER_ROWS,
+    EagerGraphRuntime,
+    FastPathConfig,
+    FastStep,
+    build_fast_optimizers,
+)
 from fastpix2pix.training.fast_trainer import FastTrainer, use_fast_path
 from fastpix2pix.training.graph_check import GraphCheck
 from fastpix2pix.training.optim import (
@@ -34,7 +41,7 @@ from fastpix2pix.training.optim import (
     portable_optimizer_state,
     use_device_lr,
 )
-from fastpix2pix.training.step import Objective, Optimizers, train_step
+from fastpix2pix.training.step import LOSS_NAMES, Objective, Optimizers, train_step
 from fastpix2pix.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -605,6 +612,56 @@ def test_batches_of_changing_shape_run_without_a_graph(tmp_path: Path) -> None:
     assert trainer.step is not None and trainer.step.graph is None and trainer.state.iteration == 2
     log = (trainer.run_dir / "log.txt").read_text()
     assert "training without a CUDA graph" in log and "data:" in log
+
+
+def test_the_training_page_shows_each_replay_after_the_graph_check(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the start-up graph check, the page shows the graph's own output: replays rewrite it in place
+    (the stand-in replays the recorded ops, as a CUDA graph replays its kernels, without the step's Python).
+    The check's eager iterations used to leave ``fake_B`` pointing at their own tensor: one frozen image."""
+    monkeypatch.setattr(selfcheck, "_enabled", True)
+    trainer = graphed_trainer(tiny_options(tiny_data, tmp_path), verify_graph=True)
+    step = trainer._ensure_step()
+    assert step.graph is not None  # the check passed
+    trainer.data.start_epoch(1, order=trainer.sampler.order(1))
+    shown = []
+    for _ in range(3):
+        step()
+        shown.append(step.fake_B.clone())
+    assert not torch.equal(shown[0], shown[1]) and not torch.equal(shown[1], shown[2])
+    # The image is the replay's: an eager iteration from the same state (weights, data, dropout) draws it.
+    weights, data, dropout = step._snapshot(), step.source.state_dict(), torch.get_rng_state()
+    augmentation = [g.get_state() for g in step.source.generators()]
+    step.iteration()
+    eager = step._eager_fake_B.clone()
+    step._restore(weights)
+    step.source.load_state_dict(data)
+    torch.set_rng_state(dropout)
+    for generator, state in zip(step.source.generators(), augmentation, strict=True):
+        generator.set_state(state)
+    step()
+    torch.testing.assert_close(step.fake_B, eager, rtol=0, atol=0)
+
+
+def test_a_large_print_freq_keeps_the_loss_buffer_small(tiny_data: Path, tmp_path: Path) -> None:
+    """``--print_freq 1000000000`` once sized the device loss buffer at one row per iteration of the
+    logging period (16 GB). Rows now move to the loss window whenever the buffer fills: training is the
+    same, and every epoch still logs its losses."""
+    opt = tiny_options(tiny_data, tmp_path, max_iters=6)
+    rare = FastTrainer(
+        dataclasses.replace(opt, name="rare", print_freq=10**9), cpu_config(), progress_bar=False
+    )
+    assert rare.readback_every >= 10**8  # the logging period itself is kept
+    rare.fit()
+    assert rare.step is not None and rare.step.losses.shape[0] <= LOSS_BUFFER_ROWS
+    frequent = FastTrainer(dataclasses.replace(opt, name="frequent"), cpu_config(), progress_bar=False)
+    frequent.fit()
+    for ours, theirs in zip(rare.nets, frequent.nets, strict=True):
+        assert_same(ours.state_dict(), theirs.state_dict(), "weights")
+    records = read_loss_log(rare.run_dir / "loss_log.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]  # the epoch ends read the losses back
+    assert all(math.isfinite(r[name]) for r in records for name in LOSS_NAMES)
 
 
 def test_graph_check_failure_trains_eagerly(

@@ -119,6 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_report(report))
         if checks:
-            print("kernel self-check (fused vs reference, float32, relative norm error):")
+            print("kernel self-check (fused vs reference, float32 and bf16, relative norm error):")
             print(format_kernel_checks(checks))
     return 0 if all(c.passed for c in checks) else 1

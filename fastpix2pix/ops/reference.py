@@ -37,7 +37,10 @@ def convolution(
     output_padding: Sequence[int],
     transposed: bool,
 ) -> torch.Tensor:
-    """A 2-D convolution, or a transposed convolution when ``transposed``."""
+    """A 2-D convolution, or a transposed convolution when ``transposed``. A float32 bias with bf16 (or
+    fp16) activations, as ConvBlock passes them under autocast, is cast as autocast would cast it."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     if transposed:
         return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
     return F.conv2d(x, weight, bias, stride, padding)

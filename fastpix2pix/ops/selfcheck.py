@@ -1,21 +1,18 @@
-"""Start-up self-checks: the fused kernels against the reference ops, a captured CUDA graph against eager.
+"""The start-up kernel check: the fused kernels against the reference ops, on the device they run on.
 
-The CUDA path is tested where a GPU was lent to the project, which is rarely; a user's GPU, driver or
-toolkit may differ from anything tested. So the package checks itself where it runs:
+A user's GPU, driver or toolkit may differ from anything the project was tested on, so the package checks
+itself where it runs: the first time a process uses the fused ops on a device, every public fused op
+(:mod:`fastpix2pix.ops.kernels`) runs once on small random inputs, forward and backward, against
+:mod:`fastpix2pix.ops.reference` (the same functions in plain PyTorch): in float32 (NCHW and channels_last),
+and in bf16 channels_last as the fast path trains (G's 3-channel output, D's 1-channel patch map, the U-Net's
+1x1 innermost level included). An op whose output or any gradient differs from a float64 reference by more
+than :data:`KERNEL_TOLERANCE_FACTOR` times the reference op's own error in the same dtype (and by
+:data:`KERNEL_TOLERANCE` in any case), or is not finite where the reference is, fails the device: a
+:class:`KernelCheckWarning` names the op, the device and the error, once, and every fused op on that device
+runs the reference implementation from then on. ``fastpix2pix info --check`` runs it and prints a table.
 
-* **Kernels** (:func:`verify_kernels`): the first time a process uses the fused ops on a device, every
-  public fused op (:mod:`fastpix2pix.ops`) runs once on small random float32 inputs, forward and backward,
-  against :mod:`fastpix2pix.ops.reference` (the same functions in plain PyTorch). An op whose output or any
-  gradient differs by more than :data:`KERNEL_TOLERANCE` (relative norm error), or is not finite where the
-  reference is, fails the device: a :class:`KernelCheckWarning` names the op, the device and the error,
-  once, and every fused op on that device runs the reference implementation from then on. The check takes
-  a few milliseconds on a GPU (a few tens on a CPU). ``fastpix2pix info --check`` runs it and prints a table.
-* **CUDA graphs** (:func:`verify_captured_step`): after the fast trainer captures its iteration, one eager
-  iteration and one graph replay run from the same weights, optimizer state, BatchNorm statistics and
-  random-generator states and are compared; the state is restored afterwards, so training is unchanged.
-
-Both are on by default. ``--no_self_check`` (train) or the environment variable
-``FASTPIX2PIX_SELF_CHECK=0`` turns them off.
+The check is on by default; ``--no_self_check`` (train) or ``FASTPIX2PIX_SELF_CHECK=0`` turns it off, and
+with it the CUDA-graph check (:mod:`fastpix2pix.training.graph_check`).
 """
 
 from __future__ import annotations
@@ -201,26 +198,72 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 Case = Callable[[torch.Generator, torch.device], tuple[list[torch.Tensor], Callable[..., list[torch.Tensor]]]]
 
 
-def _randn(generator: torch.Generator, device: torch.device, *shape: int, channels_last: bool = False):
-    t = torch.randn(shape, generator=generator).to(device)
+def _randn(
+    generator: torch.Generator,
+    device: torch.device,
+    *shape: int,
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    t = torch.randn(shape, generator=generator).to(device, dtype)
     return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
 
 
-def _conv_bn_act_case(*, transposed: bool, slope: float, training: bool, channels_last: bool) -> Case:
-    # Sizes that take several thread blocks on a GPU (the reductions' two-level path) yet stay a few ms.
+@dataclass(frozen=True)
+class ConvShape:
+    """A convolution of a case: ``x`` is [batch, in_channels, size, size]; 4x4 kernel."""
+
+    in_channels: int = 16
+    out_channels: int = 32
+    size: int = 24
+    batch: int = 4
+    stride: int = 2
+    padding: int = 1
+
+
+# Sizes that take several thread blocks on a GPU (the reductions' two-level path) yet stay a few ms.
+DEFAULT_SHAPE = ConvShape()
+BF16 = torch.bfloat16
+
+
+def _conv_inputs(
+    gen: torch.Generator, dev: torch.device, shape: ConvShape, transposed: bool, channels_last: bool, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation and weight as ConvBlock passes them: in the autocast dtype (bf16 in the fast path)."""
+    x = _randn(gen, dev, shape.batch, shape.in_channels, shape.size, shape.size, channels_last=channels_last,
+               dtype=dtype)  # fmt: skip
+    wshape = (
+        (shape.in_channels, shape.out_channels) if transposed else (shape.out_channels, shape.in_channels)
+    )
+    weight = (_randn(gen, dev, *wshape, 4, 4) * 0.1).to(dtype)
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return x, weight
+
+
+def _conv_bn_act_case(
+    *,
+    transposed: bool,
+    slope: float,
+    training: bool,
+    channels_last: bool,
+    dtype: torch.dtype = torch.float32,
+    shape: ConvShape = DEFAULT_SHAPE,
+) -> Case:
     def build(gen: torch.Generator, dev: torch.device):
-        x = _randn(gen, dev, 4, 16, 24, 24, channels_last=channels_last)
-        shape = (16, 32, 4, 4) if transposed else (32, 16, 4, 4)
-        weight = _randn(gen, dev, *shape, channels_last=channels_last) * 0.1
-        bn_weight = 1 + 0.1 * _randn(gen, dev, 32)
-        bn_bias = 0.1 * _randn(gen, dev, 32)
-        running = [0.1 * _randn(gen, dev, 32), 1 + 0.1 * _randn(gen, dev, 32).abs()]
+        x, weight = _conv_inputs(gen, dev, shape, transposed, channels_last, dtype)
+        channels = shape.out_channels
+        # BatchNorm parameters and running statistics stay float32 (also under autocast).
+        bn_weight = 1 + 0.1 * _randn(gen, dev, channels)
+        bn_bias = 0.1 * _randn(gen, dev, channels)
+        running = [0.1 * _randn(gen, dev, channels), 1 + 0.1 * _randn(gen, dev, channels).abs()]
 
         def run(ops, x, weight, bn_weight, bn_bias):
-            mean, var = (t.to(x.device, x.dtype, copy=True) for t in running)
+            stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            mean, var = (t.to(x.device, stats_dtype, copy=True) for t in running)
             out = ops.conv_bn_act(
-                x, weight, bn_weight, bn_bias, mean, var, stride=(2, 2), padding=(1, 1),
-                transposed=transposed, training=training, negative_slope=slope,
+                x, weight, bn_weight, bn_bias, mean, var, stride=(shape.stride,) * 2,
+                padding=(shape.padding,) * 2, transposed=transposed, training=training, negative_slope=slope,
             )  # fmt: skip
             return [out, mean, var]
 
@@ -229,17 +272,23 @@ def _conv_bn_act_case(*, transposed: bool, slope: float, training: bool, channel
     return build
 
 
-def _conv_bias_act_case(*, transposed: bool, slope: float, channels_last: bool) -> Case:
+def _conv_bias_act_case(
+    *,
+    transposed: bool,
+    slope: float,
+    channels_last: bool,
+    dtype: torch.dtype = torch.float32,
+    shape: ConvShape = DEFAULT_SHAPE,
+) -> Case:
     def build(gen: torch.Generator, dev: torch.device):
-        x = _randn(gen, dev, 4, 16, 24, 24, channels_last=channels_last)
-        shape = (16, 8, 4, 4) if transposed else (8, 16, 4, 4)
-        weight = _randn(gen, dev, *shape, channels_last=channels_last) * 0.1
-        bias = 0.1 * _randn(gen, dev, 8)
+        x, weight = _conv_inputs(gen, dev, shape, transposed, channels_last, dtype)
+        bias = 0.1 * _randn(gen, dev, shape.out_channels)  # float32, as conv biases stay under autocast
 
         def run(ops, x, weight, bias):
             out = ops.conv_bias_act(
-                x, weight, bias, stride=(2, 2), padding=(1, 1), transposed=transposed, negative_slope=slope
-            )
+                x, weight, bias, stride=(shape.stride,) * 2, padding=(shape.padding,) * 2,
+                transposed=transposed, negative_slope=slope,
+            )  # fmt: skip
             return [out]
 
         return [x, weight, bias], run
@@ -247,10 +296,10 @@ def _conv_bias_act_case(*, transposed: bool, slope: float, channels_last: bool) 
     return build
 
 
-def _gan_loss_case(*, mode: str, real: bool) -> Case:
+def _gan_loss_case(*, mode: str, real: bool, dtype: torch.dtype = torch.float32) -> Case:
     def build(gen: torch.Generator, dev: torch.device):
         # A batch of 16 70x70-PatchGAN maps of a 256 px image: 15,376 logits.
-        logits = 2 * _randn(gen, dev, 16, 1, 31, 31, channels_last=True)
+        logits = 2 * _randn(gen, dev, 16, 1, 31, 31, channels_last=True, dtype=dtype)
         return [logits], lambda ops, logits: [ops.gan_loss(logits, real, mode)]
 
     return build
@@ -260,6 +309,20 @@ def _l1_loss_case(gen: torch.Generator, dev: torch.device):
     pred, target = _randn(gen, dev, 4, 3, 64, 64), _randn(gen, dev, 4, 3, 64, 64)
     return [pred, target], lambda ops, pred, target: [ops.l1_loss(pred, target, 100.0)]
 
+
+def _l1_loss_bf16_case(gen: torch.Generator, dev: torch.device):
+    # The fast path's: a bf16 generator output against the float32 real image, which needs no gradient
+    # (its gradient would have the prediction's bf16 precision).
+    pred, target = _randn(gen, dev, 4, 3, 64, 64, dtype=BF16), _randn(gen, dev, 4, 3, 64, 64)
+    return [pred], lambda ops, pred: [ops.l1_loss(pred, target.to(pred.device), 100.0)]
+
+
+# The U-Net's innermost level: down to 1x1 (no norm, ReLU) and up from 1x1 with BatchNorm.
+TO_ONE_BY_ONE = ConvShape(in_channels=16, out_channels=16, size=2)
+FROM_ONE_BY_ONE = ConvShape(in_channels=16, out_channels=16, size=1)
+# The last layers: D's 1-channel patch map (stride 1) and G's 3-channel image (transposed).
+D_OUTPUT = ConvShape(in_channels=16, out_channels=1, size=12, stride=1)
+G_OUTPUT = ConvShape(in_channels=16, out_channels=3, size=12)
 
 CASES: dict[str, Case] = {
     "conv_bn_act (down, LeakyReLU, NCHW)": _conv_bn_act_case(
@@ -278,6 +341,27 @@ CASES: dict[str, Case] = {
     "gan_loss (vanilla, fake)": _gan_loss_case(mode="vanilla", real=False),
     "gan_loss (lsgan, real)": _gan_loss_case(mode="lsgan", real=True),
     "l1_loss": _l1_loss_case,
+    # The fast path's dtype and layout: bf16 activations and conv weights, channels_last.
+    "conv_bn_act (down, LeakyReLU, bf16)": _conv_bn_act_case(
+        transposed=False, slope=0.2, training=True, channels_last=True, dtype=BF16
+    ),
+    "conv_bn_act (up, ReLU, bf16)": _conv_bn_act_case(
+        transposed=True, slope=0.0, training=True, channels_last=True, dtype=BF16
+    ),
+    "conv_bn_act (up from 1x1, ReLU, bf16)": _conv_bn_act_case(
+        transposed=True, slope=0.0, training=True, channels_last=True, dtype=BF16, shape=FROM_ONE_BY_ONE
+    ),
+    "conv_bias_act (down to 1x1, ReLU, bf16)": _conv_bias_act_case(
+        transposed=False, slope=0.0, channels_last=True, dtype=BF16, shape=TO_ONE_BY_ONE
+    ),
+    "conv_bias_act (D output, C=1, bf16)": _conv_bias_act_case(
+        transposed=False, slope=1.0, channels_last=True, dtype=BF16, shape=D_OUTPUT
+    ),
+    "conv_bias_act (G output, C=3, bf16)": _conv_bias_act_case(
+        transposed=True, slope=1.0, channels_last=True, dtype=BF16, shape=G_OUTPUT
+    ),
+    "gan_loss (vanilla, real, bf16)": _gan_loss_case(mode="vanilla", real=True, dtype=BF16),
+    "l1_loss (bf16 prediction)": _l1_loss_bf16_case,
 }
 
 

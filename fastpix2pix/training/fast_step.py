@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastpix2pix.data.sources.base import BatchSource
 from fastpix2pix.runs.networks import Networks
@@ -64,6 +65,10 @@ __all__ = [
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+# The most rows of the device loss buffer: when it fills, the trainer moves the rows to its loss window (a
+# device copy, no sync), so a long logging period (--print_freq) costs no more device memory than this.
+LOSS_BUFFER_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -193,18 +198,60 @@ class CudaGraphRuntime:
         return default_generator(self.device)
 
 
-class _EagerReplay:
-    def __init__(self, body: Callable[[], None]) -> None:
-        self.body = body
+class _RecordedOps(TorchDispatchMode):
+    """Runs the captured function once, recording every ATen op (forward, backward, optimizer) with the
+    tensors it read and the ones it produced."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any], Any]] = []
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls.append((func, args, kwargs, out))
+        return out
+
+
+class _RecordedReplay:
+    """Replays the recorded ops on the tensors they ran on, writing each op's result into the tensor the
+    capture produced: as a CUDA graph replays its kernels on fixed addresses, and like it, no Python of the
+    captured function runs again (a Python-side effect there, e.g. an attribute it sets, happens once)."""
+
+    def __init__(self, calls: list[tuple[Any, tuple[Any, ...], dict[str, Any], Any]]) -> None:
+        self.calls = calls
+
+    @torch.no_grad()
     def replay(self) -> None:
-        self.body()
+        for func, args, kwargs, captured in self.calls:
+            fresh = func(*args, **kwargs)
+            for static, value in zip(_tensors(captured), _tensors(fresh), strict=True):
+                if not _same_memory(static, value):
+                    static.copy_(value)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape)
 
 
 class EagerGraphRuntime:
-    """A CPU stand-in for :class:`CudaGraphRuntime`, so that the capture logic is tested without a GPU: as
-    a CUDA capture, ``capture`` runs no computation; ``replay`` runs the captured body eagerly, which is what
-    a correct replay computes (CUDA graphs replay the same kernels on the same buffers)."""
+    """A CPU stand-in for :class:`CudaGraphRuntime`, so that the capture logic is tested without a GPU.
+
+    ``capture`` runs the function once under a dispatch mode that records its ATen ops (the caller undoes
+    what that run changed, as it undoes the warm-up); ``replay`` re-runs those ops on the captured tensors,
+    writing results in place. So, as with a real graph: the outputs are static tensors rewritten at every
+    replay, values read from the host at capture stay frozen, and the captured function's Python never runs
+    again. What a correct CUDA graph computes, bit for bit, on the CPU."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -213,7 +260,10 @@ class EagerGraphRuntime:
         return contextlib.nullcontext()
 
     def capture(self, body: Callable[[], None], generators: Sequence[torch.Generator]) -> ReplayableGraph:
-        return _EagerReplay(body)
+        recorder = _RecordedOps()
+        with recorder:
+            body()
+        return _RecordedReplay(recorder.calls)
 
     def default_generator(self) -> torch.Generator:
         return default_generator(self.device)
@@ -290,7 +340,8 @@ class FastStep:
         self.pending = 0  # iterations whose losses are in ``losses`` and not yet taken (host count)
         self.graph: ReplayableGraph | None = None
         self._graph_inputs: Batch | None = None  # the buffers a graph reads when the batch is made eagerly
-        self.fake_B: torch.Tensor | None = None  # the last iteration's generator output (static if graphed)
+        self._eager_fake_B: torch.Tensor | None = None  # the last eager iteration's generator output
+        self._graph_fake_B: torch.Tensor | None = None  # the graph's: rewritten in place by every replay
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.bf16:
@@ -321,7 +372,13 @@ class FastStep:
         # Device-side slot: the same kernels write the next row at every replay.
         self.losses.index_copy_(0, self.slot, values[None])
         self.slot.add_(1)
-        self.fake_B = visuals["fake_B"]
+        self._eager_fake_B = visuals["fake_B"]
+
+    @property
+    def fake_B(self) -> torch.Tensor | None:
+        """The generator output of the last iteration: with a graph, the graph's static output (eager
+        iterations run beside it, e.g. by the graph check, do not replace what the page shows)."""
+        return self._graph_fake_B if self.graph is not None else self._eager_fake_B
 
     def __call__(self) -> None:
         if self.pending >= self.losses.shape[0]:
@@ -374,8 +431,11 @@ class FastStep:
             self._warm_up(warmup)
         in_graph = self.source.in_graph
         self._graph_inputs = None if in_graph else (self.source.A, self.source.B)
+        self.slot.zero_()  # the captured iteration writes the row the slot holds at replay; row 0 here
         graph = runtime.capture(self.iteration, self.source.generators() if in_graph else ())
-        # Capture runs no kernel; only the warm-up trained and drew random numbers.
+        self._graph_fake_B = self._eager_fake_B  # the captured output tensor
+        # A CUDA capture runs no kernel (the CPU stand-in runs one iteration): undo what the warm-up and
+        # the capture changed, so the first replay trains and draws what the first eager iteration would.
         self._restore(saved)
         dropout.set_state(dropout_state)
         self.source.load_state_dict(source_state)

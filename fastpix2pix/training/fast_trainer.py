@@ -13,7 +13,13 @@ from fastpix2pix.ops.selfcheck import fused_kernels_usable, self_check_enabled
 from fastpix2pix.runs.options import TrainOptions
 from fastpix2pix.runtime import resolve_device
 from fastpix2pix.training.distributed import torchrun_environment
-from fastpix2pix.training.fast_step import FastPathConfig, FastStep, GraphRuntime, build_fast_optimizers
+from fastpix2pix.training.fast_step import (
+    LOSS_BUFFER_ROWS,
+    FastPathConfig,
+    FastStep,
+    GraphRuntime,
+    build_fast_optimizers,
+)
 from fastpix2pix.training.graph_check import verify_captured_step
 from fastpix2pix.training.optim import (
     PortableLoader,
@@ -159,7 +165,7 @@ class FastTrainer(Trainer):
             self.nets.D.train()
             step = FastStep(
                 self.nets, self.optimizers, self.objective, self.data,
-                bf16=self.config.bf16, loss_rows=self.readback_every,
+                bf16=self.config.bf16, loss_rows=min(self.readback_every, LOSS_BUFFER_ROWS),
             )  # fmt: skip
             if self.config.cuda_graph and not self.data.fixed_shape:
                 self.say("the batches change shape (images of several sizes): training without a CUDA graph")
@@ -218,7 +224,9 @@ class FastTrainer(Trainer):
             state.epoch_iter += new
             if self.bar is not None:
                 self.bar.update()
-            if step.pending >= self.readback_every:
+            if step.pending == step.losses.shape[0]:
+                self._flush_losses()  # a full buffer: its rows move to the loss window, still on the device
+            if len(self.window) + step.pending >= self.readback_every:
                 self._log_window()
             if crossed(before, state.images, opt.display_freq):
                 self._display({"A": data.A, "B": data.B}, step.fake_B.float())
