@@ -18,6 +18,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from types import ModuleType
 
 from fastpix2pix.commands import datasets, demo, export, info, predict, serve, test, train
 from fastpix2pix.commands import eval as eval_command
+from fastpix2pix.ops.selfcheck import DeviceLostError
 
 __all__ = ["main"]
 
@@ -37,7 +39,16 @@ SELF_PARSING: dict[str, tuple[ModuleType, str]] = {
     "eval": (eval_command, "L1/PSNR/SSIM and the facade FCN-score of test results"),
     "export": (export, "a trained generator as an ONNX or torch.export file"),
 }
-USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, ImportError)
+# Errors that end a command with one line (``--debug`` shows the traceback): a user's mistake, or a state
+# the process cannot go on from (a device lost to a failed kernel) where a traceback would only bury it.
+USER_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+    FloatingPointError,
+    ImportError,
+    DeviceLostError,
+)
 
 
 def build_main_parser() -> argparse.ArgumentParser:
@@ -55,15 +66,19 @@ def build_main_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SELF_PARSING:
-        return SELF_PARSING[argv[0]][0].main(argv[1:])
-    args = build_main_parser().parse_args(argv)
+        command, debug = argv[0], "--debug" in argv
+        run = functools.partial(SELF_PARSING[command][0].main, argv[1:])
+    else:
+        args = build_main_parser().parse_args(argv)
+        command, debug = args.command, bool(getattr(args, "debug", False))
+        run = functools.partial(args.run, args)
     try:
-        return args.run(args)
+        return run()
     except USER_ERRORS as error:
-        if os.environ.get("FASTPIX2PIX_DEBUG") or getattr(args, "debug", False):
+        if os.environ.get("FASTPIX2PIX_DEBUG") or debug:
             raise
-        print(f"fastpix2pix {args.command}: error: {error}", file=sys.stderr)
+        print(f"fastpix2pix {command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fastpix2pix {args.command}: interrupted", file=sys.stderr)
+        print(f"fastpix2pix {command}: interrupted", file=sys.stderr)
         return 130

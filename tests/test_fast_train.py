@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -662,6 +663,26 @@ def test_a_large_print_freq_keeps_the_loss_buffer_small(tiny_data: Path, tmp_pat
     records = read_loss_log(rare.run_dir / "loss_log.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]  # the epoch ends read the losses back
     assert all(math.isfinite(r[name]) for r in records for name in LOSS_NAMES)
+
+
+def test_the_start_up_is_timed_apart_from_the_iterations(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The capture (its warm-up and cuDNN autotuning) and the checks once landed in the first logged
+    ``time:``; they now have a line of their own, and the iteration times exclude them."""
+    real_capture = FastStep.capture
+
+    def slow_capture(step: FastStep, *args: object, **kwargs: object) -> None:
+        time.sleep(1.0)  # a long autotuning
+        real_capture(step, *args, **kwargs)
+
+    monkeypatch.setattr(FastStep, "capture", slow_capture)
+    trainer = graphed_trainer(tiny_options(tiny_data, tmp_path, max_iters=2), loss_readback_every=1)
+    trainer.fit()
+    startup = [line for line in (trainer.run_dir / "log.txt").read_text().splitlines() if "start-up" in line]
+    assert len(startup) == 1 and "capture (warm-up, autotuning) 1." in startup[0], startup
+    first = read_loss_log(trainer.run_dir / "loss_log.jsonl")[0]
+    assert first["time_per_iter"] < 0.5, first
 
 
 def test_graph_check_failure_trains_eagerly(

@@ -23,6 +23,7 @@ if not extension_available():
         "the compiled library fastpix2pix._C is not built: no fused ops to check", allow_module_level=True
     )
 
+from fastpix2pix import cli
 from fastpix2pix.commands import info
 from fastpix2pix.ops import fused as ops  # (needs the library)
 from fastpix2pix.ops import kernels
@@ -290,3 +291,35 @@ def test_a_replay_that_skips_the_batchnorm_statistics_fails(tiny_data, tmp_path)
     step.graph = _Replay(stale_statistics)
     result = verify_captured_step(step)
     assert not result.passed and "running_mean" in result.worst, result.describe()
+
+
+def test_a_kernel_that_breaks_the_device_stops_with_one_line(monkeypatch, capsys):
+    """A sticky CUDA error (an illegal address) inside the check leaves nothing runnable on that device, the
+    reference ops included: one clear error instead of a cascade of failures. Simulated on the CPU: a kernel
+    that raises, and a device that reports itself lost afterwards."""
+
+    class Raising:
+        def __getattr__(self, name):
+            def call(*args):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+            return call
+
+    monkeypatch.setattr(kernels, "_lib", Raising())
+    monkeypatch.setattr(selfcheck, "device_error", lambda device: "CUDA error: an illegal memory access")
+    with pytest.raises(selfcheck.DeviceLostError, match=r"broke cpu \(conv_bn_act .*illegal memory access"):
+        selfcheck.verify_kernels(CPU)
+    selfcheck.reset_kernel_checks()
+    with pytest.raises(selfcheck.DeviceLostError):  # the first fused call runs the check
+        ops.l1_loss(torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    # The command line says it in one line (the first of the kernel's message) and exits 1.
+    selfcheck.reset_kernel_checks()
+    capsys.readouterr()
+    assert cli.main(["info", "--check"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastpix2pix info: error: the fused kernel check broke cpu")
+    assert "more lines" not in err[0]
+
+
+def test_the_device_probe_reports_a_working_cpu():
+    assert selfcheck.device_error(CPU) is None

@@ -32,8 +32,10 @@ from fastpix2pix.ops import reference
 __all__ = [
     "KERNEL_TOLERANCE",
     "KERNEL_TOLERANCE_FACTOR",
+    "DeviceLostError",
     "KernelCheckWarning",
     "OpCheck",
+    "device_error",
     "fused_kernels_usable",
     "reset_kernel_checks",
     "self_check_enabled",
@@ -51,6 +53,11 @@ KERNEL_TOLERANCE = 5e-5
 KERNEL_TOLERANCE_FACTOR = 4.0
 
 _ENV_SWITCH = "FASTPIX2PIX_SELF_CHECK"
+
+
+class DeviceLostError(RuntimeError):
+    """A fused kernel left the device unusable (a sticky CUDA error such as an illegal memory access): no op
+    can run there any more, the reference ops included, so the process must stop."""
 
 
 class KernelCheckWarning(RuntimeWarning):
@@ -365,13 +372,34 @@ CASES: dict[str, Case] = {
 }
 
 
+def device_error(device: torch.device) -> str | None:
+    """Why nothing can run on ``device`` any more (a sticky CUDA error, which every later call reports),
+    or None while it works. The CPU always works."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).cpu()
+    except Exception as error:  # the CUDA runtime reports a lost context as RuntimeError or AcceleratorError
+        return str(error).splitlines()[0]
+    return None
+
+
 def _run_case(name: str, case: Case, ops: Any, device: torch.device) -> OpCheck:
     generator = torch.Generator().manual_seed(0)  # the caller's generators stay untouched
     inputs, run = case(generator, device)
     cpu64 = [t.detach().to("cpu", torch.float64) for t in inputs]
     try:
         fused = _outputs_and_grads(run, ops, inputs)
-    except Exception as error:  # e.g. no kernel image for this GPU: the reference ops still work
+    except Exception as error:  # e.g. no kernel image for this GPU: the reference ops still work ...
+        lost = device_error(device)
+        if lost is not None:  # ... unless the error poisoned the device (a sticky CUDA error)
+            raise DeviceLostError(
+                f"the fused kernel check broke {_device_key(device)} ({name}: {str(error).splitlines()[0]}; "
+                f"then {lost}): nothing can run there in this process. Please report this with the output "
+                f"of `fastpix2pix info --check`; FASTPIX2PIX_SELF_CHECK=0 with --backend reference avoids "
+                f"the fused kernels"
+            ) from error
         return OpCheck(
             name, _device_key(device), math.inf, f"raised {error}"[:300], math.nan, KERNEL_TOLERANCE
         )

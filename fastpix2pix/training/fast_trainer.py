@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -159,7 +160,9 @@ class FastTrainer(Trainer):
     # --- the loop ---
 
     def _ensure_step(self) -> FastStep:
-        """Build (and capture, with ``cuda_graph``) the step once, in train mode, inside ``fit``."""
+        """Build (and capture, with ``cuda_graph``) the step once, in train mode, inside ``fit``. What that
+        costs (the kernel check, the capture with its warm-up and cuDNN's autotuning, the graph check) is
+        said in one line and kept out of the first logged iteration time."""
         if self.step is None:
             self.nets.G.train()
             self.nets.D.train()
@@ -170,9 +173,18 @@ class FastTrainer(Trainer):
             if self.config.cuda_graph and not self.data.fixed_shape:
                 self.say("the batches change shape (images of several sizes): training without a CUDA graph")
             elif self.config.cuda_graph:
-                self._check_kernels()
-                step.capture(runtime=self.graph_runtime)
-                self._verify_graph(step)
+                timings = {
+                    "kernel check": _seconds(self._check_kernels),
+                    "capture (warm-up, autotuning)": _seconds(
+                        lambda: step.capture(runtime=self.graph_runtime)
+                    ),
+                    "graph check": _seconds(lambda: self._verify_graph(step)),
+                }
+                parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items())
+                self.say(
+                    f"fast path start-up {sum(timings.values()):.2f} s ({parts}), not in the iteration times"
+                )
+                self.window.started = time.perf_counter()
             self.step = step
         return self.step
 
@@ -263,3 +275,9 @@ def run_training(opt: TrainOptions, *, progress_bar: bool = True) -> Trainer:
         if use_fast_path(opt)
         else train(opt, progress_bar=progress_bar)
     )
+
+
+def _seconds(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
