@@ -283,12 +283,15 @@ def _conv_bn_act_setup(ctx, inputs, output) -> None:
     )
     _, conv_out, mean, var = output
     ctx.mark_non_differentiable(conv_out, mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nothing differentiates
     ctx.save_for_backward(x, weight, conv_out, bn_weight, bn_bias, mean, var)
     ctx.conv_args = (stride, padding, output_padding, transposed)
     ctx.bn_args = (training, eps, slope)
 
 
 def _conv_bn_act_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
+    if grad_out is None:  # the block's output reached no loss
+        return (None,) * 13
     x, weight, conv_out, bn_weight, bn_bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[1], bn_weight is not None and needs[2], bn_bias is not None and needs[3]]
@@ -311,12 +314,15 @@ def _conv_bn_act_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
 def _conv_bias_act_setup(ctx, inputs, output) -> None:
     x, weight, bias, stride, padding, output_padding, transposed, slope = inputs
     ctx.save_for_backward(x, weight, output)
+    ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, output_padding, transposed)
     ctx.slope = slope
 
 
 def _conv_bias_act_backward(ctx, grad_out):
+    if grad_out is None:
+        return (None,) * 8
     x, weight, out = ctx.saved_tensors
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[1], ctx.has_bias and needs[2]]
@@ -329,6 +335,7 @@ def _conv_bias_act_backward(ctx, grad_out):
 def _loss_setup(ctx, inputs, output) -> None:
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # the saved gradient's own gradient is never needed: no zero-fill
     ctx.save_for_backward(grad)
 
 
@@ -343,10 +350,14 @@ def _scaled_saved_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
 
 
 def _gan_loss_backward(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:
+        return None, None, None, None
     return _scaled_saved_grad(ctx, grad_loss), None, None, None
 
 
 def _l1_loss_backward(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:
+        return None, None, None, None
     grad_pred = _scaled_saved_grad(ctx, grad_loss)
     grad_target = -grad_pred if ctx.needs_input_grad[1] else None
     return grad_pred, grad_target, None, None

@@ -178,7 +178,7 @@ class FastTrainer(Trainer):
                     "capture (warm-up, autotuning)": _seconds(
                         lambda: step.capture(runtime=self.graph_runtime)
                     ),
-                    "graph check": _seconds(lambda: self._verify_graph(step)),
+                    "replay vs eager": _seconds(lambda: self._verify_graph(step)),
                 }
                 parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items())
                 self.say(

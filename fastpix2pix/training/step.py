@@ -84,10 +84,15 @@ def train_step(
     ops = objective.ops
     real_A, real_B = batch["A"], batch["B"]
     fake_B = G(real_A)
+    # The fake pairs in the generator's dtype (bf16 under autocast): with a float32 real_A the concatenation
+    # would be promoted to float32, which D's first convolution casts straight back (the same values).
+    real_A_like_fake = real_A.to(fake_B.dtype)
 
     set_requires_grad(D, True)
     optimizers.D.zero_grad(set_to_none=True)
-    loss_D_fake = ops.gan_loss(D(torch.cat((real_A, fake_B.detach()), 1)), False, objective.gan_mode)
+    loss_D_fake = ops.gan_loss(
+        D(torch.cat((real_A_like_fake, fake_B.detach()), 1)), False, objective.gan_mode
+    )
     loss_D_real = ops.gan_loss(D(torch.cat((real_A, real_B), 1)), True, objective.gan_mode)
     ((loss_D_fake + loss_D_real) * 0.5).backward()
     optimizers.D.step()
@@ -102,7 +107,7 @@ def train_step(
     set_requires_grad(D, False)
     optimizers.G.zero_grad(set_to_none=True)
     D_frozen = unwrap(D)
-    loss_G_GAN = ops.gan_loss(D_frozen(torch.cat((real_A, fake_B), 1)), True, objective.gan_mode)
+    loss_G_GAN = ops.gan_loss(D_frozen(torch.cat((real_A_like_fake, fake_B), 1)), True, objective.gan_mode)
     loss_G_L1 = ops.l1_loss(fake_B, real_B, objective.lambda_L1)
     (loss_G_GAN + loss_G_L1).backward()
     optimizers.G.step()
