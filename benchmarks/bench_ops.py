@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import math
 import platform
 import subprocess
@@ -42,6 +41,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from incremental import IncrementalJson  # noqa: E402
 from shapes import LayerShape, image_shape, patchgan_output_shape, pix2pix_layers  # noqa: E402
 
 from fastpix2pix._extension import BUILD_INFO, extension_available  # noqa: E402
@@ -254,8 +254,9 @@ def eager_epilogue(block: Block) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, report: IncrementalJson | None = None) -> None:
         self.args = args
+        self.report = report  # rewritten after every measurement: a kill keeps all rows before it
         self.device = torch.device(args.device)
         self.timer = Timer(self.device, args.warmup, args.reps)
         self.l2_bytes = (
@@ -273,13 +274,22 @@ class Bench:
 
     def record(self, **fields) -> None:
         self.records.append(fields)
-        if self.args.verbose:
-            print(
-                f"{fields['part']:9s} {fields['net']:9s} {fields['layer']:5s} b{fields['batch']:<3d} "
-                f"{fields['dtype']:9s} {fields['direction']:8s} {fields['variant']:9s} "
-                f"{fields['median_ms']:.4f} ms",
-                flush=True,
-            )
+        if self.report is not None:
+            self.report.update(records=self.records, speedups=speedups(self.records))
+        print(
+            f"{fields['part']:9s} {fields['net']:9s} {fields['layer']:5s} b{fields['batch']:<3d} "
+            f"{fields['dtype']:9s} {fields['direction']:8s} {fields['variant']:9s} "
+            f"{fields['median_ms']:.4f} ms",
+            flush=True,
+        )
+
+    def error(self, what: dict, error: Exception) -> None:
+        """A measurement that failed (out of memory, a kernel error): recorded, and the run goes on."""
+        print(f"FAILED {what}: {type(error).__name__}: {error}", flush=True)
+        if self.report is not None:
+            self.report.append("errors", {**what, "error": f"{type(error).__name__}: {error}"[:500]})
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def copy_bandwidth(self) -> dict:
         """Bytes read + written per second of a large device-to-device copy: the bandwidth ceiling."""
@@ -600,7 +610,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, help="folder of the JSON (default: benchmarks/results; --quick: a temp folder)"
     )
     parser.add_argument("--plot", action="store_true", help="also write a PNG of the speedups per layer")
-    parser.add_argument("--verbose", action="store_true", help="print each measurement as it is taken")
+    parser.add_argument("--verbose", action="store_true", help="(each measurement is always printed)")
+    parser.add_argument(
+        "--json", type=Path, help="the JSON file itself (default: <out>/ops_<gpu>_<time>.json)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.dtypes = [1], ["float32"]
@@ -613,8 +626,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not extension_available():
-        print("fastpix2pix._C is not built: nothing to benchmark (build it first)", file=sys.stderr)
+    problem = (
+        "fastpix2pix._C is not built: nothing to benchmark (build it first)"
+        if not extension_available()
+        else "needs CUDA (or --device cpu)"
+        if args.device.startswith("cuda") and not torch.cuda.is_available()
+        else None
+    )
+    if problem:
+        if args.json:
+            IncrementalJson(args.json, {"error": problem})
+        print(f"bench_ops: {problem}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -624,41 +646,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     torch.manual_seed(0)
-    bench = Bench(args)
+    env = environment(device)
+    name = (env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
+    folder = args.out or (Path(tempfile.mkdtemp(prefix="bench_ops_")) if args.quick else HERE / "results")
+    stem = f"ops_{name}_{datetime.datetime.now().strftime('%Y%m%d_%H%M%S')}"
+    path = args.json or folder / f"{stem}.json"
+    report = IncrementalJson(path, {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}})
+    bench = Bench(args, report)
     copy = bench.copy_bandwidth()
+    report.update(copy_bandwidth=copy)
     print(f"device-to-device copy: {copy['bytes_per_s'] / 1e9:.1f} GB/s (read + write)", flush=True)
     layers = [layer for layer in pix2pix_layers() if not args.layers or layer.name in args.layers]
     for dtype_name in args.dtypes:
         for batch in args.batches:
             for layer in layers:
-                bench.block(layer, batch, DTYPES[dtype_name])
+                try:
+                    bench.block(layer, batch, DTYPES[dtype_name])
+                except Exception as error:  # fail soft: the other layers still run
+                    bench.error({"layer": layer.name, "batch": batch, "dtype": dtype_name}, error)
             if not args.no_losses:
-                bench.losses(batch, DTYPES[dtype_name])
+                try:
+                    bench.losses(batch, DTYPES[dtype_name])
+                except Exception as error:
+                    bench.error({"layer": "losses", "batch": batch, "dtype": dtype_name}, error)
     for r in bench.records:
         if "bytes_per_s" in r:
             r["bandwidth_fraction"] = r["bytes_per_s"] / copy["bytes_per_s"]
     rows = speedups(bench.records)
-
-    env = environment(device)
-    name = (env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
-    folder = args.out or (Path(tempfile.mkdtemp(prefix="bench_ops_")) if args.quick else HERE / "results")
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"ops_{name}_{datetime.datetime.now().strftime('%Y%m%d_%H%M%S')}"
-    result = {
-        "environment": env,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "copy_bandwidth": copy,
-        "speedups": rows,
-        "records": bench.records,
-    }
-    path = folder / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=1))
+    report.update(records=bench.records, speedups=rows, complete=True)
     print(markdown(rows))
     print(f"\nwrote {path}")
     if args.plot:
-        plot(rows, folder / f"{stem}.png")
-        print(f"wrote {folder / f'{stem}.png'}")
-    return 0
+        plot(rows, path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+    return 1 if report.data.get("errors") else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ steps) per row and round. Rows:
 - ``fast_path``: ``FastStep`` with ``FastPathConfig.for_device`` (on CUDA: bf16, channels_last, fused
   Adam, one CUDA graph per iteration; on CPU: float32, NCHW, fused Adam, no graph).
 - ``eager_fp32`` (= ``ours:reference:nchw:default``), ``eager_bf16_cl_fusedadam``, ``compile_default``,
-  ``compile_max_autotune``, ``compile_reduce_overhead`` (torch.compile of the reference ``train_step``).
+  ``compile_max_autotune``, ``compile_reduce_overhead`` (torch.compile of the reference ``train_step``,
+  float32), ``compile_bf16_cl_default``, ``compile_bf16_cl_reduce_overhead`` (the same with bf16 autocast,
+  channels_last and fused Adam, as the fast path). Compiled with ``dynamic=False``: each batch size gets its
+  own static graph (after ``torch._dynamo.reset()``), as a user compiling at that batch size would.
 
 All rows start from the same official-initialised weights and train on the same rotating random batches (never
 zeros). Rows are built first, then timed round by round, every row once per round, the row order rotated by
@@ -54,6 +57,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +87,7 @@ from harness import (  # the machine probes and the interleaved rounds, shared
     round_statistics,
     wait_until_quiet,
 )
+from incremental import IncrementalJson
 from official_networks import official_D, official_G, official_init
 
 GFLOP_PER_IMAGE = 86.94  # unet_256 + 70x70 PatchGAN at 256 px (docs/performance.md)
@@ -101,6 +106,7 @@ CPU_ROWS = [
     "ours:reference:nchw:fused",
 ]
 CUDA_ROWS = ["official_eager", "eager_fp32", "eager_bf16_cl_fusedadam", "compile_default", "fast_path"]
+FAST_LOSS_ROWS = 1000  # the fast path's device loss buffer: emptied (no sync) when full
 ADAM_KINDS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
@@ -323,10 +329,12 @@ def eager_row(args, device, batch, *, bf16: bool, compile_mode: str | None = Non
         with torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
             return train_step(nets, optimizers, {"A": A, "B": B}, objective)
 
+    # dynamic=False: the graph of this batch size only, as a user compiling at that size gets (not a
+    # dynamic-shape graph reused from another batch size).
     fn = (
         step
         if compile_mode is None
-        else torch.compile(step, mode=None if compile_mode == "default" else compile_mode)
+        else torch.compile(step, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
     )
 
     def run() -> None:
@@ -340,7 +348,7 @@ def eager_row(args, device, batch, *, bf16: bool, compile_mode: str | None = Non
 def fast_row(args, device, batch) -> Row:
     backend = default_backend()
     nets = our_networks(args, backend, device)
-    config = FastPathConfig.for_device(device, loss_readback_every=1 << 20)
+    config = FastPathConfig.for_device(device, loss_readback_every=FAST_LOSS_ROWS)
     for net in nets:
         net.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     optimizers = build_fast_optimizers(nets, TrainOptions(netG=args.netG), config)
@@ -351,7 +359,7 @@ def fast_row(args, device, batch) -> Row:
             use_device_lr(optimizer)
     rotation = Rotation(make_batches(args, batch, device, config.channels_last))
     step = FastStep(nets, optimizers, Objective(backend=backend), lambda: (rotation.A, rotation.B),
-                    bf16=config.bf16, loss_rows=1 << 20)  # fmt: skip
+                    bf16=config.bf16, loss_rows=FAST_LOSS_ROWS)  # fmt: skip
     if config.cuda_graph:
         step.capture()
 
@@ -386,6 +394,13 @@ NAMED_ROWS: dict[str, Callable[..., Row]] = {
     ),
     "compile_reduce_overhead": lambda a, d, b: eager_row(
         a, d, b, bf16=False, compile_mode="reduce-overhead", name="compile_reduce_overhead"
+    ),
+    # The fast path's settings (bf16 autocast, channels_last, fused Adam) compiled: its torch.compile rival.
+    "compile_bf16_cl_default": lambda a, d, b: eager_row(
+        a, d, b, bf16=True, compile_mode="default", name="compile_bf16_cl_default"
+    ),
+    "compile_bf16_cl_reduce_overhead": lambda a, d, b: eager_row(
+        a, d, b, bf16=True, compile_mode="reduce-overhead", name="compile_bf16_cl_reduce_overhead"
     ),
 }
 
@@ -442,39 +457,76 @@ def time_one(run: Callable[[], None], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure_batch(args: argparse.Namespace, device: torch.device, batch: int) -> dict[str, Any]:
+def measure_batch(
+    args: argparse.Namespace,
+    device: torch.device,
+    batch: int,
+    live: dict[str, Any] | None = None,
+    save: Callable[..., None] = lambda **_: None,
+) -> dict[str, Any]:
+    """Build, check, warm up and time the rows at one batch size. ``live`` (returned) is filled as it goes
+    and ``save`` called after each row is built, after each row's first iteration (a compile row's compile),
+    and after each round (``save(throttle=True)``), so that a kill keeps what was measured."""
+    live = {} if live is None else live
+    live |= {"batch": batch, "status": "building rows", "rows_built": []}
     names = args.rows or (CUDA_ROWS if device.type == "cuda" else CPU_ROWS)
     if BASELINE not in names:
         names = [BASELINE, *names]
+    if any(name.startswith("compile") for name in names):
+        torch._dynamo.reset()  # no code object compiled at another batch size is reused
     rows: list[Row] = []
     skipped: list[dict[str, Any]] = []
+    live["skipped"] = skipped
     for name in names:
         if name.startswith("compile") and device.type == "cpu" and not args.compile_on_cpu:
             skipped.append({"row": name, "skipped": "torch.compile rows skipped on CPU (--compile-on-cpu)"})
             continue
+        start = time.perf_counter()
         try:
             rows.append(build_row(name, args, device, batch))
+            live["rows_built"].append({"row": name, "build_s": time.perf_counter() - start})
         except Exception as error:  # a failing row must not lose the others
             skipped.append({"row": name, "skipped": f"{type(error).__name__}: {error}"[:500]})
-    # First iterations (the function check), then the FLOP count on the baseline, then warm-up: all
-    # interleaved like the timed rounds.
+        save()
+    # First iterations (the function check; a compile row compiles here), then the FLOP count on the
+    # baseline, then warm-up: all interleaved like the timed rounds.
+    live["status"] = "first iterations"
+    live["first_iterations"] = first = []
     for row in list(rows):
+        start = time.perf_counter()
         try:
             first_iteration(row, device)
+            first.append(
+                {"row": row.name, "seconds": time.perf_counter() - start, "losses": row.first_losses}
+            )
         except Exception as error:
             rows.remove(row)
             skipped.append({"row": row.name, "skipped": f"{type(error).__name__}: {error}"[:500]})
+        save()
+    if not rows or rows[0].name != BASELINE:
+        live["status"] = "no baseline: nothing timed"
+        save()
+        return live
     gflop = count_gflop(rows[0])
+    live |= {"gflop_per_iteration": gflop, "status": "warm-up"}
     for _ in range(args.warmup):
         for row in rows:
             row.run()
     sync(device)
+    live["status"] = "timing"
+    save()
+
+    def on_round(times: dict[str, list[float]]) -> None:
+        live["raw_ms_so_far"] = times
+        save(throttle=True)
+
     times, counted_shares, discarded, timed_s = interleaved_rounds(
         rows, lambda row: time_one(row.run, device), rounds=args.rounds, min_rounds=3,
-        max_seconds=args.max_seconds, max_others=args.max_others, pause_s=5,
+        max_seconds=args.max_seconds, max_others=args.max_others, pause_s=5, on_round=on_round,
     )  # fmt: skip
-    return {
-        "batch": batch,
+    live.pop("raw_ms_so_far", None)
+    live |= {
+        "status": "done",
         "gflop_per_iteration": gflop,
         "timed_s": timed_s,
         "rounds_counted": len(counted_shares),
@@ -487,6 +539,9 @@ def measure_batch(args: argparse.Namespace, device: torch.device, batch: int) ->
         else None,
         "rows": [summarise(row, times, batch, gflop, device, args) for row in rows] + skipped,
     }
+    add_loss_differences(live)
+    save()
+    return live
 
 
 def summarise(
@@ -702,7 +757,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -736,8 +791,21 @@ def main() -> None:
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--tag", default="", help="appended to the JSON file name")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON (default: %(default)s)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="the JSON file itself (default: <out>/train_<device>_<netG>_<size>_<date>.json)",
+    )
+    parser.add_argument(
+        "--key", help="keep this run's report under KEY in --json, beside other runs' (one process per row)"
+    )
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        if args.json:
+            IncrementalJson(args.json, {"error": "needs CUDA (or --device cpu)"}, key=args.key)
+        print("bench_train: needs CUDA (or --device cpu)", file=sys.stderr)
+        return 2
     if args.iters is not None:
         args.rounds = args.iters
     if args.batch is None:
@@ -751,36 +819,42 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True  # official eager semantics at fixed shapes; TF32 left at defaults
     info = cpu_info()
     args.peak = cpu_peak_gflops(torch.get_num_threads(), info) if device.type == "cpu" else None
-    report: dict[str, Any] = {"environment": environment(device, args), "cpu_peak": args.peak}
-    report["quiet_before"] = (
-        wait_until_quiet(args.wait_quiet) if args.wait_quiet else {"heavy": heavy_processes()}
-    )
-    if device.type == "cpu":
-        report["conv_calibration"] = conv_calibration(torch.get_num_threads())
     stem = f"train_{device.type}_{args.netG}_{args.size}_{datetime.date.today().isoformat()}{args.tag}"
+    stem += "_ttt" if args.time_to_train else "_profile" if args.profile else ""
+    path = args.json or args.out / f"{stem}.json"
+    report = IncrementalJson(
+        path, {"environment": environment(device, args), "cpu_peak": args.peak}, key=args.key
+    )
+    report.update(
+        quiet_before=wait_until_quiet(args.wait_quiet) if args.wait_quiet else {"heavy": heavy_processes()}
+    )
+    if device.type == "cpu" and not args.quick:
+        report.update(conv_calibration=conv_calibration(torch.get_num_threads()))
     if args.time_to_train:
-        report["time_to_train"] = time_to_train(args, device)
+        report.update(time_to_train=time_to_train(args, device))
         print(json.dumps(report["time_to_train"], indent=1))
-        stem += "_ttt"
     elif args.profile:
-        report["profiles"] = profile_rows(args, device)
-        stem += "_profile"
+        report.update(profiles=profile_rows(args, device))
     else:
-        report["results"] = []
+        report.update(results=[])
         for batch in args.batch:
-            result = measure_batch(args, device, batch)
-            add_loss_differences(result)
-            report["results"].append(result)
-            print(table(result, args.peak is not None))
-    report["heavy_processes_after"] = heavy_processes()
-    report["load_average_at_end"] = load_average()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{stem}.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
+            live: dict[str, Any] = {"batch": batch}
+            report.append("results", live)
+            try:
+                measure_batch(args, device, batch, live, save=report.write)
+                print(table(live, args.peak is not None) if "rows" in live else live.get("status"))
+            except Exception as error:  # fail soft: the next batch size may still run
+                live |= {"status": "failed", "error": f"{type(error).__name__}: {error}"[:1000]}
+                live["traceback"] = traceback.format_exc()[-3000:]
+                print(live["traceback"], file=sys.stderr)
+            report.write()
+    report.update(heavy_processes_after=heavy_processes(), load_average_at_end=load_average())
     print(f"wrote {path}")
-    if args.plot and "results" in report:
-        plot(report["results"], path.with_suffix(".png"))
+    if args.plot and "results" in report.data:
+        plot([r for r in report["results"] if "rows" in r], path.with_suffix(".png"))
+    done = all(r.get("status") == "done" for r in report.data.get("results", []))
+    return 0 if done else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

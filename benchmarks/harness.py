@@ -229,13 +229,15 @@ def interleaved_rounds(
     max_others: float | None,
     pause_s: float,
     max_discards: int | None = None,
+    on_round: Callable[[dict[str, list[float]]], None] | None = None,
 ) -> tuple[dict[str, list[float]], list[float | None], list[dict[str, Any]], float]:
     """Time every row once per round, the order rotated each round, so that drift hits all rows alike.
 
     A round in which other processes used more than ``max_others`` of the CPU is discarded and redone
     after ``pause_s`` (at most ``max_discards`` times); timing stops after ``max_seconds`` once
-    ``min_rounds`` rounds count. Returns each row's times (ms), the counted rounds' CPU shares of other
-    processes, the discarded rounds, and the seconds spent.
+    ``min_rounds`` rounds count. ``on_round`` is called with the times so far after each counted round (to
+    save them: a run killed later keeps them). Returns each row's times (ms), the counted rounds' CPU shares
+    of other processes, the discarded rounds, and the seconds spent.
     """
     times: dict[str, list[float]] = {row.name: [] for row in rows}
     shares: list[float | None] = []
@@ -261,6 +263,8 @@ def interleaved_rounds(
             times[name].append(ms)
         shares.append(share)
         print(f"round {r + 1}/{rounds} (others {share or 0:.0%}): {line} ms", flush=True)
+        if on_round is not None:
+            on_round(times)
     return times, shares, discarded, time.monotonic() - started
 
 
