@@ -27,6 +27,7 @@ from types import ModuleType
 from fastpix2pix.commands import datasets, demo, export, info, predict, serve, test, train
 from fastpix2pix.commands import eval as eval_command
 from fastpix2pix.ops.selfcheck import DeviceLostError
+from fastpix2pix.training.distributed import PeerLostError
 
 __all__ = ["main"]
 
@@ -40,7 +41,9 @@ SELF_PARSING: dict[str, tuple[ModuleType, str]] = {
     "export": (export, "a trained generator as an ONNX or torch.export file"),
 }
 # Errors that end a command with one line (``--debug`` shows the traceback): a user's mistake, or a state
-# the process cannot go on from (a device lost to a failed kernel) where a traceback would only bury it.
+# the process cannot go on from (a device lost to a failed kernel; under torchrun, another process of the
+# run lost: the line names it and the checkpoint to resume from, and the exit status 1 lets torchrun restart
+# the workers) where a traceback would only bury it.
 USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
@@ -48,6 +51,7 @@ USER_ERRORS = (
     FloatingPointError,
     ImportError,
     DeviceLostError,
+    PeerLostError,
 )
 
 

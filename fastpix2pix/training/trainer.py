@@ -15,6 +15,10 @@ share of every epoch (:class:`DistributedEpochSampler`) with ``--batch_size`` im
 global batch is world_size x batch_size. Rank 0 alone writes (log, loss log, pages, checkpoints); the
 losses are all-reduced at the logging points, so every rank logs, checks and schedules on the same
 numbers and a NaN on any rank stops them all.
+
+When torchrun restarts the workers of a failed run (``--max-restarts``), each resumes from the run's
+``latest.pt`` as ``--continue_train`` would, and says so; a process whose peer died stops with one line
+(:class:`~fastpix2pix.training.distributed.PeerLostError`) naming the peer and the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +78,13 @@ from fastpix2pix.runs.visualize import (
     tensor_to_image,
 )
 from fastpix2pix.runtime import data_workers, determinism, package_version, resolve_device, seed_everything
-from fastpix2pix.training.distributed import init_distributed
+from fastpix2pix.training.distributed import (
+    PeerLostError,
+    describe_peer_failure,
+    init_distributed,
+    max_restarts,
+    restart_count,
+)
 from fastpix2pix.training.optim import build_optimizers, build_scheduler
 from fastpix2pix.training.progress import LossWindow, Progress, crossed
 from fastpix2pix.training.step import LOSS_NAMES, NonFiniteLossError, Objective, Optimizers, train_step
@@ -100,6 +110,18 @@ def check_determinism_support(opt: TrainOptions, device: torch.device) -> None:
         )
 
 
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A checkpoint this run wrote or resumed from: where, and the position it holds."""
+
+    path: Path
+    epoch: int
+    iteration: int
+
+    def describe(self) -> str:
+        return f"{self.path} (epoch {self.epoch}, iteration {self.iteration})"
+
+
 class Trainer:
     """Builds data, networks, optimizers and schedulers from :class:`TrainOptions` and trains.
 
@@ -112,13 +134,19 @@ class Trainer:
         new_run = not self.run_dir.exists()
         # Under torchrun: this process's rank, its device, the process group (None in a plain run).
         self.group = init_distributed(opt.device, opt.dist_timeout)
+        self.restart = 0  # torchrun's restart count (the highest of the ranks')
+        self.last_checkpoint: SavedCheckpoint | None = None  # the newest this run wrote or resumed from
+        self._save_under_way: SavedCheckpoint | None = None  # a save not known to be complete
         try:
             self._setup(opt, progress_bar, stream)
-        except BaseException:
+        except BaseException as error:
             self.close()
             if new_run and (self.group is None or self.group.rank == 0):
                 with contextlib.suppress(OSError):  # a failed start (e.g. bad data) leaves no empty folder
                     self.run_dir.rmdir()
+            lost = self._lost_peer(error)
+            if lost is not None:
+                raise lost from error
             raise
 
     def _setup(self, opt: TrainOptions, progress_bar: bool, stream: Any) -> None:
@@ -132,7 +160,7 @@ class Trainer:
             set_self_check(False)  # process-wide, as the kernel check's verdicts are
         if self.is_main:
             self._remove_stale_temporaries()
-        resumed = self._load_resume_state(opt)
+        opt, resumed = self._load_resume_state(opt)
         self.opt = self._complete_options(opt, resumed)
         check_determinism_support(self.opt, self.device)
         seed_everything(self.opt.seed)
@@ -224,7 +252,13 @@ class Trainer:
     def _initialise_weights(self, resumed: dict[str, Any] | None) -> None:
         if resumed is not None:
             self._restore(resumed)
-        elif self.opt.load_official:
+            return
+        if self.restart:
+            self._say_on_every_machine(
+                f"torchrun restart {self.restart}: no checkpoint in {self.run_dir} yet (no latest.pt): "
+                f"starting over from iteration 0"
+            )
+        if self.opt.load_official:
             load_official_checkpoint(self.opt.load_official, self.nets.G)
             self.say(f"generator initialised from the official checkpoint {self.opt.load_official}")
 
@@ -241,7 +275,37 @@ class Trainer:
 
     # --- setup ---
 
-    def _load_resume_state(self, opt: TrainOptions) -> dict[str, Any] | None:
+    def _load_resume_state(self, opt: TrainOptions) -> tuple[TrainOptions, dict[str, Any] | None]:
+        """The options and the checkpoint to continue from (None: start anew).
+
+        ``--continue_train`` chooses ``--epoch``'s checkpoint. After a torchrun restart (:attr:`restart` >
+        0) every rank continues from the run's latest complete checkpoint, ``latest.pt``, whatever the
+        command line says: every save writes it last, atomically, so a save that the failure cut short
+        left the previous one there (and at most newer network files or temporaries, which the resume
+        rewrites and removes). Without a ``latest.pt`` a restart starts over (or follows
+        ``--continue_train``). Under DDP the ranks then check that they all read the same checkpoint.
+        """
+        self.restart = self._restart_count()
+        if self.restart and checkpoint_path(self.run_dir, "latest").is_file():
+            opt = replace(opt, continue_train=True, epoch="latest")
+        try:
+            resumed = self._read_resume_state(opt)
+        except Exception as error:
+            if self.group is None:
+                raise
+            self._agree_on_resume_state(None, error)
+            raise
+        if self.group is not None:
+            self._agree_on_resume_state(resumed, None)
+        return opt, resumed
+
+    def _restart_count(self) -> int:
+        """torchrun's restart count, the highest of the ranks' (an agent that restarts its workers after
+        another node's failure hands them 0: torchrun counts per agent). A collective under DDP."""
+        count = restart_count()
+        return count if self.group is None else max(self.group.gather_objects(count))
+
+    def _read_resume_state(self, opt: TrainOptions) -> dict[str, Any] | None:
         if not opt.continue_train:
             return None
         path = checkpoint_path(self.run_dir, opt.epoch)
@@ -250,6 +314,32 @@ class Trainer:
         # Every rank reads the same file, onto the CPU: the RNG states must be CPU tensors, and
         # load_state_dict copies weights and optimizer states onto each rank's own device.
         return load_checkpoint(path, map_location="cpu")
+
+    def _agree_on_resume_state(self, resumed: dict[str, Any] | None, error: Exception | None) -> None:
+        """Every rank's view of the checkpoint it read (a collective): all fail together if one could not
+        read it, or if they read different ones (a --checkpoints_dir that is not shared between machines)."""
+        assert self.group is not None
+        if error is not None:
+            view: tuple[Any, ...] = ("error", f"{type(error).__name__}: {error}")
+        elif resumed is None:
+            view = ("none",)
+        elif resumed.get("plain"):
+            view = ("plain",)
+        else:
+            view = ("checkpoint", resumed["epoch"], resumed["epoch_iter"], resumed["iteration"])
+        views = self.group.gather_objects(view)
+        if error is not None:
+            return  # the caller raises this rank's own error
+        failed = [(rank, v[1]) for rank, v in enumerate(views) if v[0] == "error"]
+        if failed:
+            rank, message = failed[0]
+            raise ValueError(f"rank {rank} could not read the checkpoint to continue from: {message}")
+        if len(set(views)) > 1:
+            seen = ", ".join(f"rank {rank}: {_describe_view(v)}" for rank, v in enumerate(views))
+            raise ValueError(
+                f"the processes read different checkpoints in {self.run_dir} ({seen}): every process must "
+                f"see the same --checkpoints_dir (on several machines, a shared folder)"
+            )
 
     def _choose_seed(self, seed: int | None, resumed: dict[str, Any] | None) -> int:
         """The checkpoint's seed when resuming (it fixes the data order), else ``seed`` or a random one."""
@@ -371,14 +461,24 @@ class Trainer:
         )
         self._restore_rank_rng(resumed)
         self._saved_at = self.state.iteration
+        path = checkpoint_path(self.run_dir, self.opt.epoch)
+        self.last_checkpoint = SavedCheckpoint(path, self.state.epoch, self.state.iteration)
         if self.is_main:
             # A kill during the save that wrote this checkpoint's successor may have left these files one
             # save ahead of it (they are written first): make them the checkpoint's again.
             self._export_networks(self.opt.epoch)
-        self.say(
-            f"resumed from {checkpoint_path(self.run_dir, self.opt.epoch)}: epoch {self.state.epoch}, "
-            f"{self.state.epoch_iter} images into it, iteration {self.state.iteration}"
+        restart = f"torchrun restart {self.restart}: " if self.restart else ""
+        self._say_on_every_machine(
+            f"{restart}resumed from {path}: epoch {self.state.epoch}, {self.state.epoch_iter} images into "
+            f"it, iteration {self.state.iteration}"
         )
+
+    def _say_on_every_machine(self, message: str) -> None:
+        """Rank 0 says it (console and log.txt); under DDP the first process of every other machine prints
+        it too, so that each machine's console shows it."""
+        self.say(message)
+        if self.group is not None and not self.is_main and self.group.local_rank == 0:
+            print(f"[rank {self.rank}] {message}", flush=True)
 
     def _restore_plain_networks(self) -> None:
         """Official-style resume from ``<epoch>_net_G.pth`` / ``_net_D.pth``: weights only."""
@@ -423,10 +523,12 @@ class Trainer:
         self._log_window()
         self._check_finite_weights()
         state = self.state_dict()
+        self._save_under_way = self._checkpoint_record(state, labels)
         if self.group is None:
             self._write(state, labels)
         else:
             self._write_on_main(state, labels)
+            self._committed(state, labels)
         self._saved_at = self.state.iteration
         self.say(
             f"saved {', '.join(map(str, labels))} (epoch {state['epoch']}, iteration {state['iteration']})"
@@ -455,6 +557,16 @@ class Trainer:
             self.run_dir, labels, state, self._official_networks(), n_layers_D=opt.n_layers_D,
             use_dropout=not opt.no_dropout,
         )  # fmt: skip
+        self._committed(state, labels)
+
+    def _committed(self, state: dict[str, Any], labels: tuple[str | int, ...]) -> None:
+        """Record a complete save: on rank 0 once its files are written, on the others once it says so."""
+        self.last_checkpoint = self._checkpoint_record(state, labels)
+        self._save_under_way = None
+
+    def _checkpoint_record(self, state: dict[str, Any], labels: tuple[str | int, ...]) -> SavedCheckpoint:
+        label = "latest" if "latest" in map(str, labels) else labels[0]
+        return SavedCheckpoint(checkpoint_path(self.run_dir, label), state["epoch"], state["iteration"])
 
     def _official_networks(self) -> dict[str, tuple[nn.Module, str]]:
         return {"G": (self.nets.G, self.opt.netG), "D": (self.nets.D, self.opt.netD)}
@@ -554,7 +666,7 @@ class Trainer:
             if self._saved_at != self.state.iteration:
                 self.save(("latest",))
         except Exception as error:
-            stopped = self._stopped_by_data(error)
+            stopped = self._stopped_by_data(error) or self._lost_peer(error)
             if stopped is None:
                 raise
             raise stopped from error
@@ -604,6 +716,50 @@ class Trainer:
             f"last checkpoint saved before it is kept (--debug shows the full error)",
             failed.details,
         )
+
+    def _lost_peer(self, error: BaseException) -> PeerLostError | None:
+        """A collective's failure caused by another process (dead, gone or hung) as one line: who is gone,
+        where training stopped, the last checkpoint and how to resume; None for any other error."""
+        if self.group is None or not isinstance(error, Exception):
+            return None
+        what = describe_peer_failure(self.group, error)
+        if what is None:
+            return None
+        group = self.group
+        me = group.peers[group.rank].describe() if len(group.peers) > group.rank else f"rank {group.rank}"
+        state = getattr(self, "state", None)
+        where = (
+            f"at epoch {state.epoch}, iteration {state.iteration}" if state is not None else "while starting"
+        )
+        return PeerLostError(
+            f"{me} of {group.world_size}: {what}; training stopped {where}. {self._resume_hint()}. "
+            f"(--debug shows the traceback)"
+        )
+
+    def _resume_hint(self) -> str:
+        """The last checkpoint, and how to resume from it. A save interrupted by the failure may have been
+        completed by rank 0 (its files are written before the ranks agree that they are)."""
+        saved, under_way = self.last_checkpoint, self._save_under_way
+        latest = checkpoint_path(self.run_dir, "latest")
+        if saved is None and under_way is None and not latest.is_file():
+            return f"No checkpoint saved yet in {self.run_dir}: a restart or rerun starts over"
+        if saved is None and under_way is None:
+            text = f"Last checkpoint: {latest} (written before this start)"
+        elif saved is None:
+            assert under_way is not None
+            text = f"Last checkpoint: {under_way.describe()} if rank 0 finished writing it, else none yet"
+        else:
+            text = f"Last checkpoint: {saved.describe()}"
+            if under_way is not None:
+                text += f", or {under_way.describe()} if rank 0 finished writing it"
+        left = max_restarts() - self.restart
+        how = "rerun the same command with --continue_train"
+        if left > 0:
+            how = (
+                f"torchrun restarts the workers ({left} of --max-restarts {max_restarts()} left; "
+                f"counted per machine) and they resume from it; else {how}"
+            )
+        return f"{text}; to resume: {how}"
 
     def _where(self) -> str:
         if self.group is None:
@@ -682,6 +838,12 @@ class Trainer:
             plot_loss_curve(read_loss_log(self.loss_log.path), LOSS_NAMES, self.run_dir / "loss_curve.png")
         if opt.save_epoch_freq > 0 and finished % opt.save_epoch_freq == 0:
             self.save(("latest", finished))
+
+
+def _describe_view(view: tuple[Any, ...]) -> str:
+    if view[0] == "checkpoint":
+        return f"epoch {view[1]}, {view[2]} images into it, iteration {view[3]}"
+    return {"none": "none (starts anew)", "plain": "network files only"}.get(view[0], str(view))
 
 
 class _SilentLog(RunLog):
