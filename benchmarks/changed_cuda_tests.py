@@ -2,7 +2,7 @@
 
 ``gpu_tests_baseline.json`` (beside this file) records the last GPU run: its commit, a fingerprint of every
 test function at that commit, and the outcome of every CUDA test node on that run (passed, failed, crashed,
-skipped, not run). Here, on any machine and without git (a lent GPU machine gets the working tree only),
+skipped, not run). Here, on any machine and without git (a copy of the working tree is enough),
 the CUDA tests of the tree (``pytest --collect-only -m cuda``) are compared with it; a node is selected when
 its function is new, its fingerprint differs, its parametrisation is new, or it did not pass on that run.
 

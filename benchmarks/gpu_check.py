@@ -1,11 +1,11 @@
 """The prepared GPU check: what only a GPU can tell, in stages that each fit one command of 10 minutes.
 
-A lent GPU machine runs one command for at most 10 minutes and a session has 15 minutes of device time,
-start-up included: each stage stops within ``STAGE_BUDGET_S`` (470 s), and ``make gpu-check`` with no
-arguments runs the stage that matters most, speed. Every step runs in its own process group under its own
-time limit (a hang costs only that step); its output goes to the log as it comes; the stage summary is
-rewritten after every step; and every benchmark writes its own JSON as each measurement (row, batch, case)
-finishes, so a kill at any point keeps everything measured before it.
+For verifying a GPU machine where one command may run at most 10 minutes: each stage stops within
+``STAGE_BUDGET_S`` (470 s), and ``make gpu-check`` with no arguments runs the stage that matters most, speed.
+Every step runs in its own process group under its own time limit (a hang costs only that step); its output
+goes to the log as it comes; the stage summary is rewritten after every step; and every benchmark writes its
+own JSON as each measurement (row, batch, case) finishes, so a kill at any point keeps everything measured
+before it.
 
 ``speed`` (the default; ~467 s estimated): nvidia-smi and versions; build (sm_90, 16 jobs); the kernel
 self-check (``fastpix2pix info --check``); the fast trainer's captured iteration timed as ``fit()`` runs it
@@ -31,9 +31,10 @@ epochs (2,000 iterations); both at epoch 5 evaluated alike, and their losses com
     python3 benchmarks/gpu_check.py --stage correctness --out "$OUT"
     python3 benchmarks/gpu_check.py --stage all --dry-run            # anywhere: every stage's steps
 
-Into ``--out`` (at most 8 files: what a lent machine sends back): ``gpu_check_<stage>.json`` (the machine,
-every step's command, status, seconds, the end of its output and its results), ``gpu_check_<stage>.log``
-(all output) and the benchmarks' JSON files. Checkpoints, datasets and scratch files go to ``--work``.
+Into ``--out`` (at most 8 files, easy to bring back from a remote machine): ``gpu_check_<stage>.json`` (the
+machine, every step's command, status, seconds, the end of its output and its results),
+``gpu_check_<stage>.log`` (all output) and the benchmarks' JSON files. Checkpoints, datasets and scratch files
+go to ``--work``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ STAGE_BUDGET_S = 470
 MIN_STEP_S = 20
 STAGES = ("speed", "correctness", "quality")
 ALIASES = {"1": "correctness", "2": "speed"}  # the first GPU run's stage numbers
-MAX_OUT_FILES = 8  # a lent machine sends back at most 8 files from $OUT
+MAX_OUT_FILES = 8  # what a remote run's $OUT may hold and still come back whole
 QUALITY_COMPARE_EPOCH = 5  # 2,000 iterations of facades at batch 1: the plain trainer's share of the budget
 
 

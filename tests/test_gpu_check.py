@@ -55,18 +55,20 @@ def test_every_step_names_an_existing_script_or_module(stage, tmp_path):
 def test_each_stage_is_estimated_within_its_budget_and_every_step_has_its_own_limit(stage, tmp_path):
     steps = gpu_check.stage_steps(stage, tmp_path)
     assert sum(s.estimate_s for s in steps) <= gpu_check.STAGE_BUDGET_S
-    assert gpu_check.STAGE_BUDGET_S <= 470  # a lent GPU's command may run 10 minutes; stay well inside
+    assert (
+        gpu_check.STAGE_BUDGET_S <= 470
+    )  # a remote GPU command may be limited to 10 minutes; stay well inside
     for step in steps:
         assert 0 < step.estimate_s <= step.timeout_s, step.name
     assert len({s.name for s in steps}) == len(steps)
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_stage_leaves_no_more_files_than_a_lent_machine_sends_back(stage, tmp_path):
+def test_a_stage_leaves_no_more_files_than_a_remote_run_brings_back(stage, tmp_path):
     out = tmp_path / "out"
     steps = gpu_check.stage_steps(stage, out, tmp_path / "work")
     assert len(gpu_check.out_files(steps, out)) <= gpu_check.MAX_OUT_FILES
-    for step in steps:  # checkpoints and scratch never go to out (a lent machine sends back 8 files)
+    for step in steps:  # checkpoints and scratch never go to out (8 files come back from a remote run)
         for flag in ("--checkpoints_dir", "--results_dir", "--work", "--cache-dir"):
             if flag in step.command:
                 assert not step.command[step.command.index(flag) + 1].startswith(str(out)), step.name
