@@ -19,6 +19,13 @@ PACKAGE = ROOT / "fastpix2pix"
 # The modules that need the compiled library: importing them raises without it, and the reference ops
 # must still work, so they are imported where the fused ops are chosen.
 LIBRARY_GATED = {"fastpix2pix.ops.fused", "fastpix2pix.ops.kernels"}
+# Packages a user may not have installed (the extras), imported where they are used.
+OPTIONAL_PACKAGES = {"onnx", "onnxruntime", "onnxscript", "openvino", "torch.utils.tensorboard"}
+# Imported where used for their cost: matplotlib takes a large part of a second to import, and only the
+# loss curve needs it.
+IMPORT_COST = {"matplotlib"}
+# The standalone runner of exported files needs none of its imports but numpy and the one runtime used.
+STANDALONE = {"fastpix2pix.deploy"}
 MAX_ROOT_MODULES = 8
 
 
@@ -122,6 +129,21 @@ def test_no_package_module_imported_inside_a_function_but_the_kernels() -> None:
         for node, target, inner in imports_of(path)
         if inner and target.split(".")[0] == "fastpix2pix" and target not in LIBRARY_GATED
     ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_imports_inside_functions_are_only_for_optional_packages() -> None:
+    """The rest of a module's dependencies stand at its top, where a reader sees them."""
+    offenders = []
+    for name, path in MODULES.items():
+        if name in STANDALONE:
+            continue
+        for node, target, inner in imports_of(path):
+            allowed = target in LIBRARY_GATED or any(
+                target == p or target.startswith(p + ".") for p in OPTIONAL_PACKAGES | IMPORT_COST
+            )
+            if inner and not allowed:
+                offenders.append(f"{name}:{node.lineno} imports {target} inside a function")
     assert not offenders, "\n".join(offenders)
 
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from fastpix2pix.data import ensure_synthetic_dataset
 from fastpix2pix.inference.loading import set_inference_mode
@@ -66,10 +71,6 @@ def _demo_options(
 def _untrained_l1(trainer: Any, test_opt: TestOptions) -> float:
     """Held-out L1 of the generator before training, on a copy and with the RNG state put back, so
     that measuring it changes nothing in the training run."""
-    import copy
-
-    import torch
-
     device = trainer.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         untrained = set_inference_mode(copy.deepcopy(trainer.nets.G), eval_mode=False)
@@ -77,9 +78,6 @@ def _untrained_l1(trainer: Any, test_opt: TestOptions) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
     device = resolve_device(args.device)
     config = DEMO_CONFIGS["cuda" if device.type == "cuda" else "cpu"]
     root = Path(args.datasets_dir) / f"synthetic_{config.size}"

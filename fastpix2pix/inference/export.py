@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.export import Dim
+from torch.fx.experimental import _config as fx_config
 
 # The runner reads what this module writes: the metadata names are defined once, there.
 from fastpix2pix.deploy import METADATA_FILE, METADATA_KEY, OnnxRunner, read_metadata
@@ -144,8 +146,6 @@ def _last_conv(G: nn.Module) -> Any:
 
 def _dynamic_shapes(G: nn.Module, dynamic_batch: bool) -> dict[str, dict[int, Any]]:
     """Height and width as multiples of size_multiple (so the size checks hold symbolically)."""
-    from torch.export import Dim
-
     multiple = int(G.size_multiple)
     low = min_size(G) // multiple
     shapes: dict[int, Any] = {
@@ -172,8 +172,6 @@ def exported_program(net: nn.Module, dynamic_batch: bool) -> torch.export.Export
     not 1 (broadcast and contiguity checks), and a program traced at 2 blocks refuses an input of one
     block (256x256 for unet_256), the most common size. The convolutions do not depend on it.
     """
-    from torch.fx.experimental import _config as fx_config
-
     example = trace_example(net, dynamic_batch)
     with torch.no_grad(), fx_config.patch(backed_size_oblivious=True), _quiet_exporter():
         return torch.export.export(net, (example,), dynamic_shapes=_dynamic_shapes(net, dynamic_batch))

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -367,8 +368,6 @@ def _all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
     ``torch.distributed.nn.functional.all_reduce`` computes the same but is deprecated in favour of this.
     """
-    import torch.distributed._functional_collectives as funcol
-
     return funcol.all_reduce(tensor, "sum", group)
 
 

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from fastpix2pix.data.images import save_image
@@ -47,8 +48,6 @@ def resize_for_aspect_ratio(image: np.ndarray, aspect_ratio: float) -> np.ndarra
     """Stretch an image to width/height ``aspect_ratio`` times its own (bicubic), as the official test."""
     if aspect_ratio == 1.0:
         return image
-    from PIL import Image
-
     h, w = image.shape[:2]
     size = (int(w * aspect_ratio), h) if aspect_ratio > 1.0 else (w, int(h / aspect_ratio))
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
