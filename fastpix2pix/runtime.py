@@ -1,5 +1,5 @@
-"""What a process needs from its machine: the device, seeds and determinism, usable CPUs, safe file writes,
-the version."""
+"""What a process needs from its machine: the device, seeds and determinism, usable CPUs, how the CPU computes
+bfloat16, safe file writes, the version."""
 
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ import torch
 
 __all__ = [
     "ATOMIC_TEMP_SUFFIX",
+    "BF16_KINDS",
     "atomic_write",
+    "bf16_faster_than_fp32",
+    "cpu_bf16_support",
+    "cpu_vendor",
     "data_workers",
     "determinism",
     "package_version",
@@ -97,6 +101,77 @@ def usable_cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+# --- bfloat16 on the CPU ------------------------------------------------------------------------------
+
+BF16_KINDS = {"amx": "native (AMX)", "avx512_bf16": "native (AVX512-BF16)", None: "emulated"}
+"""What :func:`cpu_bf16_support`'s answers mean, as ``fastpix2pix info`` prints them."""
+
+
+def _cpu_capabilities() -> dict[str, object]:
+    """The CPU features torch detected (cpuinfo), or {} where this torch cannot say."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        with contextlib.suppress(Exception):
+            return dict(get())
+    flags: dict[str, object] = {}  # older torch: its per-feature probes
+    for name, probe in (("amx_tile", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        with contextlib.suppress(Exception):
+            flags[name] = bool(getattr(torch.cpu, probe)())
+    flags["amx_bf16"] = flags.get("amx_tile", False)
+    return flags
+
+
+def cpu_bf16_support() -> str | None:
+    """How this CPU computes bfloat16 products, decided at run time: ``"amx"`` (AMX-BF16 tiles: Intel Xeon
+    since Sapphire Rapids, where the OS enables them), ``"avx512_bf16"`` (AVX512-BF16 dot products: AMD
+    Zen 4/5, Intel Cooper Lake, or a newer Xeon whose AMX a hypervisor hides) or None (emulated: oneDNN
+    or torch converts to float32 and back)."""
+    caps = _cpu_capabilities()
+    if caps.get("amx_bf16") and caps.get("amx_tile") and _amx_usable():
+        return "amx"
+    if caps.get("avx512_bf16"):
+        return "avx512_bf16"
+    return None
+
+
+def _amx_usable() -> bool:
+    """The OS lets this process use the AMX tiles (Linux grants them on request, since 5.16)."""
+    init = getattr(torch.cpu, "_init_amx", None)
+    if init is None:
+        return True  # this torch cannot ask; oneDNN asks for itself and falls back if refused
+    try:
+        return bool(init())
+    except Exception:
+        return False
+
+
+def cpu_vendor() -> str:
+    """``"intel"``, ``"amd"`` or ``""`` (unknown): from /proc/cpuinfo, else the name torch's cpuinfo reads."""
+    text = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text(errors="replace")[:4096]
+    text += " " + str(_cpu_capabilities().get("cpu_name", ""))
+    if "GenuineIntel" in text or "Intel" in text:
+        return "intel"
+    if "AuthenticAMD" in text or "AMD" in text:
+        return "amd"
+    return ""
+
+
+def bf16_faster_than_fp32(support: str | None, vendor: str) -> bool:
+    """Whether bfloat16 convolutions outrun float32 ones on a CPU with this ``support`` and ``vendor``
+    (the rule of ``--precision auto``).
+
+    AMX: yes, by far (a tile multiply does 16x the work of an FMA). AVX512-BF16 on AMD Zen 4/5: a
+    512-bit bf16 dot product does twice the multiply-adds of a float32 FMA on the same 256-bit units.
+    AVX512-BF16 on an Intel core without AMX: no; its dot product does no more multiply-adds per cycle
+    than its two float32 FMA units, and the conversions cost extra (measured on an Emerald Rapids Xeon
+    whose AMX a hypervisor hides: the bf16 engine ran at 0.8x the float32 one, OpenVINO's bf16 at 0.9x
+    its float32; ``benchmarks/results/inference_cpu_2026-12-07_bf16*.json``). Emulated: no.
+    """
+    return support == "amx" or (support == "avx512_bf16" and vendor == "amd")
 
 
 # --- files -------------------------------------------------------------------------------------------

@@ -447,3 +447,27 @@ def test_command_prints_the_url_and_serves(model: tuple[Path, Path]) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_precision_bf16_answers_as_predict_bf16_does(model: tuple[Path, Path], tmp_path: Path) -> None:
+    """--precision bf16 (pinned: auto would depend on the CPU) serves what `predict --precision bf16`
+    writes, bit for bit, and says so in /info; both stay within bf16 rounding of float32."""
+    data = inputs(model[1])["labels.png"]
+    path = tmp_path / "labels.png"
+    path.write_bytes(data)
+    written = {}
+    for precision in ("bf16", "fp32"):
+        opt = PredictOptions(
+            input=str(path), output=str(tmp_path / f"{precision}.png"), name=NAME,
+            checkpoints_dir=str(model[0]), device="cpu", precision=precision,
+        )  # fmt: skip
+        written[precision] = read_image(predict(opt, say=lambda message: None)[0])
+    lines: list[str] = []
+    app = ServeApp(serve_options(model[0], precision="bf16"), say=lines.append)
+    assert lines[0].startswith("fastpix2pix serve: engine torch, precision bf16 (--precision bf16;")
+    assert app.info["model"]["precision"] == "bf16"
+    with running_server(serve_options(model[0], precision="bf16")) as (_, server):
+        status, _, body = post(server, data)
+    assert status == 200
+    np.testing.assert_array_equal(decode(body), written["bf16"])
+    assert np.abs(written["bf16"].astype(int) - written["fp32"]).max() <= 3  # uint8 levels

@@ -12,18 +12,26 @@ from typing import Any
 import torch
 
 from fastpix2pix._extension import BUILD_INFO, extension_available
+from fastpix2pix.inference.engines import resolve_precision
 from fastpix2pix.ops.backend import default_backend
 from fastpix2pix.ops.selfcheck import KernelCheckWarning, OpCheck, format_kernel_checks, verify_kernels
-from fastpix2pix.runtime import package_version
+from fastpix2pix.runtime import BF16_KINDS, cpu_bf16_support, package_version
 
 
 def device_report() -> list[dict[str, Any]]:
-    """The CPU and every visible CUDA device."""
+    """The CPU (with how it computes bfloat16, and what ``--precision auto`` picks on it) and every
+    visible CUDA device."""
+    support = cpu_bf16_support()
+    auto = resolve_precision("auto", "torch", torch.device("cpu"))
     devices: list[dict[str, Any]] = [
         {
             "device": "cpu",
             "name": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
+            "bf16": BF16_KINDS[support],
+            "bf16_support": support,
+            "precision_auto": auto.name,
+            "precision_auto_reason": auto.reason,
         }
     ]
     for index in range(torch.cuda.device_count()):
@@ -83,7 +91,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"cuDNN {runtime['cudnn']})"
     )
     lines.append("  devices:")
-    lines += [f"    {d['device']}: {d['name']} ({_device_details(d)})" for d in report["devices"]]
+    for device in report["devices"]:
+        lines.append(f"    {device['device']}: {device['name']} ({_device_details(device)})")
+        if "bf16" in device:
+            auto, why = device["precision_auto"], device["precision_auto_reason"].removeprefix("auto: ")
+            lines.append(f"      bf16: {device['bf16']}; --precision auto: {auto} ({why})")
     return "\n".join(lines)
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 
 from fastpix2pix.inference.run import predict
-from fastpix2pix.runs.options import PredictOptions, add_options_command, namespace_to_options
+from fastpix2pix.runs.options import (
+    COMMAND_LINE_PRECISION,
+    PredictOptions,
+    add_options_command,
+    namespace_to_options,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -14,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    add_options_command(
+    parser = add_options_command(
         commands, "predict", PredictOptions, run, "apply a trained generator to an image or a folder"
     )
+    parser.set_defaults(precision=COMMAND_LINE_PRECISION)  # the Python API's default is fp32

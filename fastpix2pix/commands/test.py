@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 
 from fastpix2pix.inference.run import run_test
-from fastpix2pix.runs.options import TestOptions, add_options_command, namespace_to_options
+from fastpix2pix.runs.options import (
+    COMMAND_LINE_PRECISION,
+    TestOptions,
+    add_options_command,
+    namespace_to_options,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -14,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    add_options_command(
+    parser = add_options_command(
         commands, "test", TestOptions, run, "run a trained model on a test split and write a results page"
     )
+    parser.set_defaults(precision=COMMAND_LINE_PRECISION)  # the Python API's default is fp32

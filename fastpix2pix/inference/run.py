@@ -6,13 +6,16 @@ dropout instead. Train mode updates the BatchNorm running statistics of the in-m
 is never saved here, so nothing leaks into a checkpoint.
 
 ``--engine`` chooses what computes the generator (:mod:`fastpix2pix.inference.engines`): ``torch`` (default)
-the fastest native path measured, ``onnxruntime`` the network exported to ONNX in an ONNX Runtime session.
+the fastest native path measured, ``onnxruntime`` the network exported to ONNX in an ONNX Runtime session;
+``--precision`` what it computes in (fp32, bf16, or auto: bf16 where the CPU computes it faster). The first
+line either command prints names the engine and the precision, and why.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +38,14 @@ from fastpix2pix.data import (
 )
 from fastpix2pix.data.synthetic import resolve_data_source
 from fastpix2pix.inference.engines import Engine, build_engine
-from fastpix2pix.inference.loading import TEST_SEED, load_generator, set_inference_mode
+from fastpix2pix.inference.loading import TEST_SEED, load, load_generator, set_inference_mode
 from fastpix2pix.inference.translate import pad_for
 from fastpix2pix.models.size import SizeRule, size_multiple, size_rule
 from fastpix2pix.runs.options import PredictOptions, TestOptions, default_of
 from fastpix2pix.runs.visualize import HtmlPage, resize_for_aspect_ratio, tensor_to_image
 from fastpix2pix.runtime import resolve_device, seed_everything
 
-__all__ = ["TestResult", "evaluate_l1", "predict", "run_test"]
+__all__ = ["TestResult", "evaluate_l1", "load_engine", "predict", "run_test"]
 
 
 @dataclass
@@ -123,8 +126,10 @@ def run_test(opt: TestOptions, *, say: Any = print) -> TestResult:
     loader = split_loader(opt, G)
     set_inference_mode(G, opt.eval)
     engine = build_engine(
-        G, opt.engine, eval_mode=opt.eval, device=device, seed=seed, batch_size=opt.batch_size
-    )
+        G, opt.engine, eval_mode=opt.eval, device=device, seed=seed, batch_size=opt.batch_size,
+        precision=opt.precision,
+    )  # fmt: skip
+    say(f"test: {source} on {device}, {engine.describe()}")
 
     folder = Path(opt.results_dir) / opt.name / f"{opt.phase}_{opt.epoch}"
     image_dir = folder / "images"
@@ -150,16 +155,21 @@ def run_test(opt: TestOptions, *, say: Any = print) -> TestResult:
     mode = (
         "eval (running statistics, no dropout)" if opt.eval else "train mode (batch statistics, dropout on)"
     )
+    precision = engine.precision.name
     page.paragraph(
-        f"{count} images from {opt.dataroot}/{opt.phase}; weights {source}; {mode}; engine {opt.engine}; "
-        f"L1 {l1:.4f}"
+        f"{count} images from {opt.dataroot}/{opt.phase}; weights {source}; {mode}; engine {opt.engine}, "
+        f"{precision}; L1 {l1:.4f}"
     )
     index = page.save(folder / "index.html")
     metrics = {
         "images": count, "l1": l1, "weights": source, "mode": mode, "epoch": opt.epoch, "engine": opt.engine,
+        "precision": precision, "precision_reason": engine.precision.reason,
     }  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    say(f"tested {count} images with {source} ({mode}, engine {opt.engine}): L1 {l1:.4f}; page {index}")
+    say(
+        f"tested {count} images with {source} ({mode}, engine {opt.engine}, {precision}): L1 {l1:.4f}; "
+        f"page {index}"
+    )
     return TestResult(count, l1, folder, index)
 
 
@@ -194,15 +204,44 @@ def predict(opt: PredictOptions, *, say: Any = print) -> list[Path]:
     seed_everything(seed)
     set_inference_mode(G, opt.eval)
     batch_size = opt.batch_size if opt.eval else 1
-    engine = build_engine(G, opt.engine, eval_mode=opt.eval, device=device, seed=seed, batch_size=batch_size)
+    engine = build_engine(
+        G, opt.engine, eval_mode=opt.eval, device=device, seed=seed, batch_size=batch_size,
+        precision=opt.precision,
+    )  # fmt: skip
+    say(f"predict: {source} on {device}, {engine.describe()}")
     inputs = [source_path] if source_path.is_file() else list_images(source_path)
     outputs = _output_paths(inputs, opt)
     sizes = size_rule(G)
     for group in _same_size_groups(inputs, outputs, opt.input_nc, sizes, batch_size, device):
         _translate_group(engine, group, sizes)
     where = outputs[0].parent if len(outputs) > 1 else outputs[0]
-    say(f"wrote {len(outputs)} image(s) with {source} (engine {opt.engine}) to {where}")
+    precision = engine.precision.name
+    say(f"wrote {len(outputs)} image(s) with {source} (engine {opt.engine}, {precision}) to {where}")
     return outputs
+
+
+def load_engine(
+    source: str | os.PathLike[str],
+    *,
+    epoch: str | int = "latest",
+    device: str = "auto",
+    eval_mode: bool = False,
+    engine: str = "torch",
+    precision: str = "fp32",
+    seed: int = TEST_SEED,
+    batch_size: int = 1,
+    **architecture: Any,
+) -> Engine:
+    """A trained generator as ``fastpix2pix predict`` runs it: loaded as :func:`load` loads it (a run folder
+    or an official ``*_net_G.pth``), built into ``engine`` computing in ``precision`` (``fp32``, ``bf16``
+    or ``auto``: bf16 where this CPU computes it faster than float32; see ``engine.precision``).
+    ``translate`` and ``translate_image`` take it as they take the network. ``seed`` seeds the
+    onnxruntime engine's dropout (the torch engine draws from torch's generator, as ``G`` does)."""
+    G = load(source, epoch=epoch, device=device, eval_mode=eval_mode, **architecture)
+    return build_engine(
+        G, engine, eval_mode=eval_mode, device=next(G.parameters()).device, seed=seed,
+        batch_size=batch_size, precision=precision,
+    )  # fmt: skip
 
 
 def _same_size_groups(

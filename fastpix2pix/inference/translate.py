@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,9 +52,12 @@ def translate(
     G: nn.Module | Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rule: SizeRule | None = None
 ):
     """``G`` on an ``(N, C, H, W)`` batch (or one ``(C, H, W)`` image) of any size: padded to the sizes G
-    takes, the output cropped back. ``rule``: G's size rule, when G is an engine rather than the network.
-    The rule ``fastpix2pix predict`` and ``serve`` apply, so all three give the same output."""
-    rule = size_rule(G) if rule is None else rule
+    takes, the output cropped back. ``G``: the network, or an engine (``build_engine``, ``load_engine``:
+    it knows its size rule); ``rule``: G's size rule, for any other function. The rule ``fastpix2pix
+    predict`` and ``serve`` apply, so all three give the same output."""
+    if rule is None:
+        own = None if isinstance(G, nn.Module) else getattr(G, "size_rule", None)
+        rule = own if isinstance(own, SizeRule) else size_rule(G)
     single = x.dim() == 3
     padded, (height, width) = pad_for(x.unsqueeze(0) if single else x, rule)
     with torch.no_grad():
@@ -66,11 +70,16 @@ def predict_image(G: nn.Module, image: torch.Tensor) -> torch.Tensor:
     return translate(G, image)
 
 
-def translate_image(G: nn.Module, image: np.ndarray) -> np.ndarray:
+def translate_image(G: nn.Module | Any, image: np.ndarray) -> np.ndarray:
     """An ``(H, W, C)`` uint8 (or uint16) image of any size through ``G``, as ``fastpix2pix predict``
-    translates a file: converted to G's input channels, padded, the output cropped back, as uint8."""
-    device = next(G.parameters()).device
-    x = to_tensor(to_channels(image, _input_channels(G))).to(device)
+    translates a file: converted to G's input channels, padded, the output cropped back, as uint8.
+    ``G``: the network (run as it is), or an engine (``load_engine``, ``build_engine``: the
+    commands' engines, in their precision)."""
+    if isinstance(G, nn.Module):
+        device, channels = next(G.parameters()).device, _input_channels(G)
+    else:
+        device, channels = G.device, G.input_nc
+    x = to_tensor(to_channels(image, channels)).to(device)
     return tensor_to_image(translate(G, x))
 
 

@@ -50,6 +50,15 @@ __all__ = [
 
 LR_POLICIES = ("linear", "step", "plateau", "cosine")
 ENGINES = ("torch", "onnxruntime")  # test/predict --engine (fastpix2pix.inference.engines)
+PRECISIONS = ("auto", "fp32", "bf16")  # test/predict/serve --precision (fastpix2pix.inference.engines)
+COMMAND_LINE_PRECISION = "auto"  # the commands' default --precision (the dataclasses' is fp32)
+PRECISION_HELP = (
+    "what the torch engine computes in: fp32; bf16 (on the CPU: bfloat16 convolutions on oneDNN, float32 "
+    "statistics; emulated, and slower, on a CPU without bf16 instructions); auto = bf16 on a CPU where it "
+    "is faster than float32 (AMX; AVX512-BF16 on AMD), fp32 elsewhere (the GPU, the onnxruntime engine), "
+    "decided at start and printed. The command line's default is auto; the Python API's (these options' "
+    "own) fp32"
+)
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -251,6 +260,7 @@ class TestOptions(DataLoadingOptions, ArchitectureOptions, RunOptions):
         "generator exported to ONNX; needs the [export] extra); both compute the same function",
         ENGINES,
     )
+    precision: str = option("fp32", PRECISION_HELP, PRECISIONS)
 
 
 @dataclass
@@ -271,6 +281,7 @@ class PredictOptions(ArchitectureOptions, RunOptions):
         "generator exported to ONNX; needs the [export] extra); both compute the same function",
         ENGINES,
     )
+    precision: str = option("fp32", PRECISION_HELP, PRECISIONS)
     batch_size: int = option(
         1, "with --eval: images of the same size translated together (the paper protocol: one at a time)"
     )

@@ -10,8 +10,8 @@ with the generator's output as a PNG. The API:
 ``POST /translate``
     body: the image (PNG; JPEG, WebP, BMP, TIFF and PPM are read too), any size; answer: the output PNG
     (same size), computed exactly as ``fastpix2pix predict`` computes it (same decoding, reflect padding
-    to the generator's size multiple, engine and protocol, the dropout seed reset for every request so
-    the same input always gives the same output). Headers ``X-Model-Ms`` (time in the model) and
+    to the generator's size multiple, engine, precision and protocol, the dropout seed reset for every
+    request so the same input always gives the same output). Headers ``X-Model-Ms`` (time in the model) and
     ``X-Padded-Size``. Bad input gets a 4xx with ``{"error": "..."}``.
 ``GET /info``
     JSON: the model, protocol, device, drawing mode and palettes, limits, whether a sample exists.
@@ -52,7 +52,14 @@ from fastpix2pix.inference.run import build_engine
 from fastpix2pix.inference.translate import translate
 from fastpix2pix.models.size import size_rule
 from fastpix2pix.ops.backend import default_backend
-from fastpix2pix.runs.options import ENGINES, ArchitectureOptions, RunOptions, option
+from fastpix2pix.runs.options import (
+    ENGINES,
+    PRECISION_HELP,
+    PRECISIONS,
+    ArchitectureOptions,
+    RunOptions,
+    option,
+)
 from fastpix2pix.runs.visualize import tensor_to_image
 from fastpix2pix.runtime import resolve_device, seed_everything
 
@@ -109,6 +116,7 @@ class ServeOptions(ArchitectureOptions, RunOptions):
         ("paper", "eval"),
     )
     engine: str = option("torch", "what computes the generator, as `predict --engine`", ENGINES)
+    precision: str = option("fp32", PRECISION_HELP, PRECISIONS)
     dataroot: str | None = option(
         None,
         "dataset whose test split gives the sample input and the drawing mode (default: the dataset the "
@@ -326,8 +334,9 @@ class Translator:
         self.size_rule = size_rule(G)
         self.size_multiple = self.size_rule.multiple
         self.engine = build_engine(
-            G, self.opt.engine, eval_mode=eval_mode, device=self.device, seed=self.seed
-        )
+            G, self.opt.engine, eval_mode=eval_mode, device=self.device, seed=self.seed,
+            precision=self.opt.precision,
+        )  # fmt: skip
         self._lock = device_lock(self.device)
         self._slots = threading.BoundedSemaphore(opt.max_waiting)  # waiting or running
         self.warm_up_seconds = self._warm_up()
@@ -382,6 +391,7 @@ class ServeApp:
         self.say = say
         self.translator = Translator(opt)
         self.opt = self.translator.opt  # completed from the checkpoint
+        say(f"fastpix2pix serve: {self.translator.engine.describe()}")
         self.assets = {path: _read_asset(name) for path, name in WEB_ASSETS.items()}
         root, samples = self._dataset_samples()
         self.schemes, custom = label_schemes(self.opt.palette)
@@ -418,6 +428,8 @@ class ServeApp:
                 "name": opt.name, "weights": translator.source, "netG": opt.netG, "ngf": opt.ngf,
                 "input_nc": opt.input_nc, "output_nc": opt.output_nc, "direction": opt.direction,
                 "epoch": opt.epoch, "backend": opt.backend or default_backend(), "engine": opt.engine,
+                "precision": translator.engine.precision.name,
+                "precision_reason": translator.engine.precision.reason,
             },
             "canvas": {"width": opt.crop_size, "height": opt.crop_size},
             "size_multiple": translator.size_multiple,
