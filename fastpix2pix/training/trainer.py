@@ -29,7 +29,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,6 @@ from fastpix2pix.runs.checkpoint import (
     capture_rng_state,
     checkpoint_path,
     export_official_networks,
-    load_checkpoint,
     plain_network_path,
     remove_stale_temporaries,
     restore_rng_state,
@@ -80,13 +79,18 @@ from fastpix2pix.runs.visualize import (
 from fastpix2pix.runtime import data_workers, determinism, package_version, resolve_device, seed_everything
 from fastpix2pix.training.distributed import (
     PeerLostError,
-    describe_peer_failure,
     init_distributed,
-    max_restarts,
-    restart_count,
 )
 from fastpix2pix.training.optim import build_optimizers, build_scheduler
 from fastpix2pix.training.progress import LossWindow, Progress, crossed
+from fastpix2pix.training.resume import (
+    SavedCheckpoint,
+    agree_on_resume_state,
+    lost_peer_error,
+    read_resume_state,
+    resume_hint,
+    run_restart_count,
+)
 from fastpix2pix.training.step import LOSS_NAMES, NonFiniteLossError, Objective, Optimizers, train_step
 
 __all__ = ["Trainer", "check_determinism_support", "train"]
@@ -108,18 +112,6 @@ def check_determinism_support(opt: TrainOptions, device: torch.device) -> None:
             f"(reflection_pad2d_backward_cuda), so torch.use_deterministic_algorithms would stop the first "
             f"iteration. Drop --deterministic, use a unet_* generator, or train with --device cpu"
         )
-
-
-@dataclass(frozen=True)
-class SavedCheckpoint:
-    """A checkpoint this run wrote or resumed from: where, and the position it holds."""
-
-    path: Path
-    epoch: int
-    iteration: int
-
-    def describe(self) -> str:
-        return f"{self.path} (epoch {self.epoch}, iteration {self.iteration})"
 
 
 class Trainer:
@@ -285,61 +277,19 @@ class Trainer:
         rewrites and removes). Without a ``latest.pt`` a restart starts over (or follows
         ``--continue_train``). Under DDP the ranks then check that they all read the same checkpoint.
         """
-        self.restart = self._restart_count()
+        self.restart = run_restart_count(self.group)
         if self.restart and checkpoint_path(self.run_dir, "latest").is_file():
             opt = replace(opt, continue_train=True, epoch="latest")
         try:
-            resumed = self._read_resume_state(opt)
+            resumed = read_resume_state(opt, self.run_dir)
         except Exception as error:
             if self.group is None:
                 raise
-            self._agree_on_resume_state(None, error)
+            agree_on_resume_state(self.group, self.run_dir, None, error)
             raise
         if self.group is not None:
-            self._agree_on_resume_state(resumed, None)
+            agree_on_resume_state(self.group, self.run_dir, resumed, None)
         return opt, resumed
-
-    def _restart_count(self) -> int:
-        """torchrun's restart count, the highest of the ranks' (an agent that restarts its workers after
-        another node's failure hands them 0: torchrun counts per agent). A collective under DDP."""
-        count = restart_count()
-        return count if self.group is None else max(self.group.gather_objects(count))
-
-    def _read_resume_state(self, opt: TrainOptions) -> dict[str, Any] | None:
-        if not opt.continue_train:
-            return None
-        path = checkpoint_path(self.run_dir, opt.epoch)
-        if not path.exists() and plain_network_path(self.run_dir, opt.epoch, "G").exists():
-            return {"plain": True}
-        # Every rank reads the same file, onto the CPU: the RNG states must be CPU tensors, and
-        # load_state_dict copies weights and optimizer states onto each rank's own device.
-        return load_checkpoint(path, map_location="cpu")
-
-    def _agree_on_resume_state(self, resumed: dict[str, Any] | None, error: Exception | None) -> None:
-        """Every rank's view of the checkpoint it read (a collective): all fail together if one could not
-        read it, or if they read different ones (a --checkpoints_dir that is not shared between machines)."""
-        assert self.group is not None
-        if error is not None:
-            view: tuple[Any, ...] = ("error", f"{type(error).__name__}: {error}")
-        elif resumed is None:
-            view = ("none",)
-        elif resumed.get("plain"):
-            view = ("plain",)
-        else:
-            view = ("checkpoint", resumed["epoch"], resumed["epoch_iter"], resumed["iteration"])
-        views = self.group.gather_objects(view)
-        if error is not None:
-            return  # the caller raises this rank's own error
-        failed = [(rank, v[1]) for rank, v in enumerate(views) if v[0] == "error"]
-        if failed:
-            rank, message = failed[0]
-            raise ValueError(f"rank {rank} could not read the checkpoint to continue from: {message}")
-        if len(set(views)) > 1:
-            seen = ", ".join(f"rank {rank}: {_describe_view(v)}" for rank, v in enumerate(views))
-            raise ValueError(
-                f"the processes read different checkpoints in {self.run_dir} ({seen}): every process must "
-                f"see the same --checkpoints_dir (on several machines, a shared folder)"
-            )
 
     def _choose_seed(self, seed: int | None, resumed: dict[str, Any] | None) -> int:
         """The checkpoint's seed when resuming (it fixes the data order), else ``seed`` or a random one."""
@@ -720,46 +670,14 @@ class Trainer:
     def _lost_peer(self, error: BaseException) -> PeerLostError | None:
         """A collective's failure caused by another process (dead, gone or hung) as one line: who is gone,
         where training stopped, the last checkpoint and how to resume; None for any other error."""
-        if self.group is None or not isinstance(error, Exception):
+        if self.group is None:
             return None
-        what = describe_peer_failure(self.group, error)
-        if what is None:
-            return None
-        group = self.group
-        me = group.peers[group.rank].describe() if len(group.peers) > group.rank else f"rank {group.rank}"
         state = getattr(self, "state", None)
         where = (
             f"at epoch {state.epoch}, iteration {state.iteration}" if state is not None else "while starting"
         )
-        return PeerLostError(
-            f"{me} of {group.world_size}: {what}; training stopped {where}. {self._resume_hint()}. "
-            f"(--debug shows the traceback)"
-        )
-
-    def _resume_hint(self) -> str:
-        """The last checkpoint, and how to resume from it. A save interrupted by the failure may have been
-        completed by rank 0 (its files are written before the ranks agree that they are)."""
-        saved, under_way = self.last_checkpoint, self._save_under_way
-        latest = checkpoint_path(self.run_dir, "latest")
-        if saved is None and under_way is None and not latest.is_file():
-            return f"No checkpoint saved yet in {self.run_dir}: a restart or rerun starts over"
-        if saved is None and under_way is None:
-            text = f"Last checkpoint: {latest} (written before this start)"
-        elif saved is None:
-            assert under_way is not None
-            text = f"Last checkpoint: {under_way.describe()} if rank 0 finished writing it, else none yet"
-        else:
-            text = f"Last checkpoint: {saved.describe()}"
-            if under_way is not None:
-                text += f", or {under_way.describe()} if rank 0 finished writing it"
-        left = max_restarts() - self.restart
-        how = "rerun the same command with --continue_train"
-        if left > 0:
-            how = (
-                f"torchrun restarts the workers ({left} of --max-restarts {max_restarts()} left; "
-                f"counted per machine) and they resume from it; else {how}"
-            )
-        return f"{text}; to resume: {how}"
+        hint = resume_hint(self.run_dir, self.last_checkpoint, self._save_under_way, self.restart)
+        return lost_peer_error(self.group, error, where, hint)
 
     def _where(self) -> str:
         if self.group is None:
@@ -838,12 +756,6 @@ class Trainer:
             plot_loss_curve(read_loss_log(self.loss_log.path), LOSS_NAMES, self.run_dir / "loss_curve.png")
         if opt.save_epoch_freq > 0 and finished % opt.save_epoch_freq == 0:
             self.save(("latest", finished))
-
-
-def _describe_view(view: tuple[Any, ...]) -> str:
-    if view[0] == "checkpoint":
-        return f"epoch {view[1]}, {view[2]} images into it, iteration {view[3]}"
-    return {"none": "none (starts anew)", "plain": "network files only"}.get(view[0], str(view))
 
 
 class _SilentLog(RunLog):
