@@ -43,7 +43,7 @@ from fastpix2pix._extension import extension_available
 from fastpix2pix.deploy import OnnxRunner
 from fastpix2pix.inference.deploy_net import DeployBlock, check_export_batch, deploy_network, has_batch_norm
 from fastpix2pix.inference.export import onnx_model_bytes
-from fastpix2pix.models.size import SizeRule, size_rule
+from fastpix2pix.models.size import SizeRule, input_channels, size_rule
 from fastpix2pix.ops.reference import activation
 from fastpix2pix.runs.options import ENGINES, PRECISIONS
 from fastpix2pix.runtime import BF16_KINDS, bf16_faster_than_fp32, cpu_bf16_support, cpu_vendor
@@ -126,7 +126,7 @@ def build_engine(
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     chosen = resolve_precision(precision, engine, device, _parameter_dtype(G))
     facts = {"name": engine, "precision": chosen, "device": device, "size_rule": size_rule(G)}
-    facts["input_nc"] = _input_channels(G)
+    facts["input_nc"] = input_channels(G)
     if engine == "torch":
         net = torch_network(G, eval_mode, device, chosen.name)
         layout = torch.channels_last if _uses_onednn(net) else torch.contiguous_format
@@ -138,14 +138,6 @@ def build_engine(
 
 def _parameter_dtype(G: nn.Module) -> torch.dtype:
     return next(G.parameters()).dtype
-
-
-def _input_channels(G: nn.Module) -> int:
-    first = next(m for m in G.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d))
-    return int(first.in_channels)
-
-
-# --- precision --------------------------------------------------------------------------------------
 
 
 def resolve_precision(

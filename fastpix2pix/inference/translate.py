@@ -12,7 +12,7 @@ from torch import nn
 
 from fastpix2pix.data.images import to_channels
 from fastpix2pix.data.transforms import to_tensor
-from fastpix2pix.models.size import SizeRule, size_rule
+from fastpix2pix.models.size import SizeRule, input_channels, size_rule
 from fastpix2pix.runs.visualize import tensor_to_image
 
 __all__ = ["pad_for", "pad_to_multiple", "predict_image", "translate", "translate_image"]
@@ -76,13 +76,8 @@ def translate_image(G: nn.Module | Any, image: np.ndarray) -> np.ndarray:
     ``G``: the network (run as it is), or an engine (``load_engine``, ``build_engine``: the
     commands' engines, in their precision)."""
     if isinstance(G, nn.Module):
-        device, channels = next(G.parameters()).device, _input_channels(G)
+        device, channels = next(G.parameters()).device, input_channels(G)
     else:
         device, channels = G.device, G.input_nc
     x = to_tensor(to_channels(image, channels)).to(device)
     return tensor_to_image(translate(G, x))
-
-
-def _input_channels(G: nn.Module) -> int:
-    first = next(m for m in G.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
-    return int(first.in_channels)

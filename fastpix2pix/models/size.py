@@ -1,4 +1,5 @@
-"""The image sizes a generator takes, in one place: the multiple its levels need and the smallest side.
+"""The images a generator takes, in one place: its input channels, the multiple its levels need and the
+smallest side.
 
 Every caller that runs a generator on an image of any size (``predict``, ``serve``, the Python API, the
 exported file's metadata) pads the image to :meth:`SizeRule.padded` and crops the output back.
@@ -12,7 +13,7 @@ from torch import nn
 
 from fastpix2pix.models.generators import ResnetGenerator
 
-__all__ = ["SizeRule", "min_size", "size_multiple", "size_rule"]
+__all__ = ["SizeRule", "input_channels", "min_size", "size_multiple", "size_rule"]
 
 
 def size_multiple(G: nn.Module) -> int:
@@ -46,3 +47,9 @@ class SizeRule:
 def size_rule(G: nn.Module) -> SizeRule:
     """G's :class:`SizeRule`."""
     return SizeRule(size_multiple(G), min_size(G))
+
+
+def input_channels(G: nn.Module) -> int:
+    """The channels G's input has: those of its first convolution."""
+    first = next(m for m in G.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d))
+    return int(first.in_channels)

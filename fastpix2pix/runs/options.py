@@ -34,6 +34,7 @@ from fastpix2pix.ops.reference import GAN_MODES
 __all__ = [
     "ArchitectureOptions",
     "DataLoadingOptions",
+    "EngineOptions",
     "HelpFormatter",
     "PredictOptions",
     "RunOptions",
@@ -235,7 +236,20 @@ class TrainOptions(DataLoadingOptions, ArchitectureOptions, RunOptions):
 
 
 @dataclass
-class TestOptions(DataLoadingOptions, ArchitectureOptions, RunOptions):
+class EngineOptions:
+    """What computes a trained generator (test, predict, serve): the engine and its precision."""
+
+    engine: str = option(
+        "torch",
+        "what computes the generator: torch (the fastest native path for the protocol) or onnxruntime (the "
+        "generator exported to ONNX; needs the [export] extra); both compute the same function",
+        ENGINES,
+    )
+    precision: str = option("fp32", PRECISION_HELP, PRECISIONS)
+
+
+@dataclass
+class TestOptions(EngineOptions, DataLoadingOptions, ArchitectureOptions, RunOptions):
     """``fastpix2pix test``: the test split through a trained generator, saved as images and a web page.
 
     Architecture options, direction, crop_size and preprocess left at their defaults are taken from the
@@ -254,17 +268,10 @@ class TestOptions(DataLoadingOptions, ArchitectureOptions, RunOptions):
     )
     aspect_ratio: float = option(1.0, "width/height ratio of the saved result images")
     num_threads: int = option(0, "number of data loading worker processes (0: load in the main process)")
-    engine: str = option(
-        "torch",
-        "what computes the generator: torch (the fastest native path for the protocol) or onnxruntime (the "
-        "generator exported to ONNX; needs the [export] extra); both compute the same function",
-        ENGINES,
-    )
-    precision: str = option("fp32", PRECISION_HELP, PRECISIONS)
 
 
 @dataclass
-class PredictOptions(ArchitectureOptions, RunOptions):
+class PredictOptions(EngineOptions, ArchitectureOptions, RunOptions):
     """``fastpix2pix predict``: a generator applied to one image or a folder, at any resolution."""
 
     input: str = option("", "an image file or a folder of images (the generator's input side only)")
@@ -275,13 +282,6 @@ class PredictOptions(ArchitectureOptions, RunOptions):
     eval: bool = option(
         False, "use BatchNorm running statistics and no dropout (default: batch statistics and dropout on)"
     )
-    engine: str = option(
-        "torch",
-        "what computes the generator: torch (the fastest native path for the protocol) or onnxruntime (the "
-        "generator exported to ONNX; needs the [export] extra); both compute the same function",
-        ENGINES,
-    )
-    precision: str = option("fp32", PRECISION_HELP, PRECISIONS)
     batch_size: int = option(
         1, "with --eval: images of the same size translated together (the paper protocol: one at a time)"
     )

@@ -52,14 +52,7 @@ from fastpix2pix.inference.run import build_engine
 from fastpix2pix.inference.translate import translate
 from fastpix2pix.models.size import size_rule
 from fastpix2pix.ops.backend import default_backend
-from fastpix2pix.runs.options import (
-    ENGINES,
-    PRECISION_HELP,
-    PRECISIONS,
-    ArchitectureOptions,
-    RunOptions,
-    option,
-)
+from fastpix2pix.runs.options import ArchitectureOptions, EngineOptions, RunOptions, option
 from fastpix2pix.runs.visualize import tensor_to_image
 from fastpix2pix.runtime import resolve_device, seed_everything
 
@@ -95,7 +88,7 @@ def _read_asset(name: str) -> bytes:
 
 
 @dataclass
-class ServeOptions(ArchitectureOptions, RunOptions):
+class ServeOptions(EngineOptions, ArchitectureOptions, RunOptions):
     """``fastpix2pix serve``: a web page to draw an input and see the generator's translation live.
 
     Architecture options, direction and crop_size left at their defaults are taken from the checkpoint,
@@ -115,8 +108,6 @@ class ServeOptions(ArchitectureOptions, RunOptions):
         "dropout, as `predict --eval`",
         ("paper", "eval"),
     )
-    engine: str = option("torch", "what computes the generator, as `predict --engine`", ENGINES)
-    precision: str = option("fp32", PRECISION_HELP, PRECISIONS)
     dataroot: str | None = option(
         None,
         "dataset whose test split gives the sample input and the drawing mode (default: the dataset the "
