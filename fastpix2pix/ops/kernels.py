@@ -112,9 +112,13 @@ def update_running_stats(
     if count <= 1:
         raise ValueError(f"update_running_stats: need more than 1 value per channel, got {count}")
     with torch.no_grad():
-        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
         unbiased_var = batch_var * (count / (count - 1))
-        running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+        # Both in one foreach call (one kernel on CUDA, not two); the same lerp as Tensor.lerp_.
+        torch._foreach_lerp_(
+            [running_mean, running_var],
+            [batch_mean.to(running_mean.dtype), unbiased_var.to(running_var.dtype)],
+            momentum,
+        )
 
 
 def _check_values_per_channel(
