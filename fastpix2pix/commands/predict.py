@@ -6,7 +6,6 @@ import argparse
 
 from fastpix2pix.inference.run import predict
 from fastpix2pix.runs.options import (
-    COMMAND_LINE_PRECISION,
     PredictOptions,
     add_options_command,
     namespace_to_options,
@@ -19,7 +18,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_options_command(
+    add_options_command(
         commands, "predict", PredictOptions, run, "apply a trained generator to an image or a folder"
     )
-    parser.set_defaults(precision=COMMAND_LINE_PRECISION)  # the Python API's default is fp32

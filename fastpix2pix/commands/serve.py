@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastpix2pix.runs.options import COMMAND_LINE_PRECISION, add_options_command, namespace_to_options
+from fastpix2pix.runs.options import add_options_command, namespace_to_options
 from fastpix2pix.serve.app import ServeOptions
 from fastpix2pix.serve.http import serve
 
@@ -17,5 +17,4 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     help_text = "draw an input in the browser and see the translation live"
-    parser = add_options_command(commands, "serve", ServeOptions, run, help_text)
-    parser.set_defaults(precision=COMMAND_LINE_PRECISION)  # the Python API's default is fp32
+    add_options_command(commands, "serve", ServeOptions, run, help_text)

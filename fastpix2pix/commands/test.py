@@ -6,7 +6,6 @@ import argparse
 
 from fastpix2pix.inference.run import run_test
 from fastpix2pix.runs.options import (
-    COMMAND_LINE_PRECISION,
     TestOptions,
     add_options_command,
     namespace_to_options,
@@ -19,7 +18,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = add_options_command(
+    add_options_command(
         commands, "test", TestOptions, run, "run a trained model on a test split and write a results page"
     )
-    parser.set_defaults(precision=COMMAND_LINE_PRECISION)  # the Python API's default is fp32

@@ -348,9 +348,12 @@ def add_options_command(
     run: Callable[[argparse.Namespace], int],
     help_text: str,
 ) -> argparse.ArgumentParser:
-    """The subcommand ``name`` of the main parser, with ``cls``'s options; parsing it sets ``args.run``."""
+    """The subcommand ``name`` of the main parser, with ``cls``'s options; parsing it sets ``args.run``.
+    A command that runs an engine defaults to ``--precision auto`` (the Python API's default is fp32)."""
     parser = commands.add_parser(name, help=help_text, description=cls.__doc__, formatter_class=HelpFormatter)
     build_parser(cls, parser).set_defaults(run=run)
+    if issubclass(cls, EngineOptions):
+        parser.set_defaults(precision=COMMAND_LINE_PRECISION)
     return parser
 
 
