@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -60,7 +61,7 @@ def train_options(args: argparse.Namespace) -> Any:
         checkpoints_dir=str(Path(args.work) / "runs"), device="cpu", seed=args.seed, netG="unet_128",
         ngf=32, ndf=32, load_size=142, crop_size=128, n_epochs=constant, n_epochs_decay=decay,
         fast_path="on", num_threads=0, print_freq=args.print_freq, display_freq=10**9,
-        save_latest_freq=10**9, save_epoch_freq=0, max_dataset_size=args.max_images,
+        save_latest_freq=10**9, save_epoch_freq=0, max_dataset_size=args.max_images or math.inf,
     )  # fmt: skip
 
 
