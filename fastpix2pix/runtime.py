@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as metadata_version
 from pathlib import Path
@@ -19,8 +20,10 @@ import torch
 __all__ = [
     "ATOMIC_TEMP_SUFFIX",
     "BF16_KINDS",
+    "Precision",
     "atomic_write",
     "bf16_faster_than_fp32",
+    "cpu_auto_precision",
     "cpu_bf16_support",
     "cpu_vendor",
     "data_workers",
@@ -172,6 +175,36 @@ def bf16_faster_than_fp32(support: str | None, vendor: str) -> bool:
     its float32; ``benchmarks/results/inference_cpu_2026-12-07_bf16*.json``). Emulated: no.
     """
     return support == "amx" or (support == "avx512_bf16" and vendor == "amd")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a ``--precision`` option resolved to: ``name`` (``fp32`` or ``bf16``) and why."""
+
+    name: str
+    reason: str
+
+    @property
+    def bf16(self) -> bool:
+        return self.name == "bf16"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+def cpu_auto_precision() -> Precision:
+    """``--precision auto`` on this CPU: bf16 where :func:`bf16_faster_than_fp32` says it computes bfloat16
+    faster than float32, else fp32; the reason names the capability found."""
+    support, vendor = cpu_bf16_support(), cpu_vendor()
+    if support is None:
+        return Precision("fp32", "auto: bf16 is emulated on this CPU")
+    cpu = {"amd": "an AMD", "intel": "an Intel"}.get(vendor, "this")
+    unit = "AMX" if support == "amx" else f"AVX512-BF16 on {cpu} CPU"
+    if bf16_faster_than_fp32(support, vendor):
+        return Precision("bf16", f"auto: {unit} computes bf16 faster than float32")
+    if support == "amx":
+        return Precision("fp32", f"auto: {unit} is not counted faster than float32 here")
+    return Precision("fp32", f"auto: AVX512-BF16 without AMX is no faster than float32 on {cpu} CPU")
 
 
 # --- files -------------------------------------------------------------------------------------------

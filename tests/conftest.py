@@ -10,7 +10,17 @@ import torch
 from pair_files import write_pair
 from tiny_run import train_tiny
 
+from fastpix2pix import runtime
 from fastpix2pix.data.synthetic import generate_synthetic_facades
+
+
+@pytest.fixture(autouse=True)
+def float32_auto_on_every_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--precision auto`` is float32 in every test, so that no value a test asserts depends on which CPU
+    runs it (auto would be bf16 on a CPU with AMX). A test of the rule itself is marked
+    ``@pytest.mark.cpu_precision_rule`` and sees the real one (or patches it as it needs)."""
+    if request.node.get_closest_marker("cpu_precision_rule") is None:
+        monkeypatch.setattr(runtime, "bf16_faster_than_fp32", lambda support, vendor: False)
 
 
 @pytest.fixture(scope="module")

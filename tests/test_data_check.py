@@ -263,8 +263,8 @@ def test_training_on_nonsquare_pairs_and_the_start_summary(nonsquare_data: Path,
     summary = next(line for line in log.splitlines() if "] training resnet_6blocks" in line)
     assert re.search(
         r"on 4 images of .*/train \(32x32 after resize_and_crop, 4 batches of 1 per epoch, 0 loader "
-        r"workers\) on cpu, fast path off \(cpu device; the fast path is for CUDA\), backend reference, "
-        r"seed 3: \d+ iterations$",
+        r"workers\) on cpu, fast path off \(cpu device, fp32 \(auto: .*\); on a CPU the fast path is for "
+        r"bf16\), backend reference, seed 3: \d+ iterations$",
         summary,
     )
 

@@ -87,12 +87,14 @@ def test_this_cpu_is_described() -> None:
     assert runtime.BF16_KINDS[support] in ("native (AMX)", "native (AVX512-BF16)", "emulated")
 
 
+@pytest.mark.cpu_precision_rule
 def test_bf16_is_faster_with_amx_and_on_amd_avx512_bf16_only() -> None:
     rule = runtime.bf16_faster_than_fp32
     assert rule("amx", "intel") and rule("amx", "") and rule("avx512_bf16", "amd")
     assert not rule("avx512_bf16", "intel") and not rule("avx512_bf16", "") and not rule(None, "amd")
 
 
+@pytest.mark.cpu_precision_rule
 @pytest.mark.parametrize(
     ("support", "vendor", "expected"),
     [("amx", "intel", "bf16"), ("avx512_bf16", "amd", "bf16"), ("avx512_bf16", "intel", "fp32"),
@@ -101,8 +103,9 @@ def test_bf16_is_faster_with_amx_and_on_amd_avx512_bf16_only() -> None:
 def test_auto_follows_the_capability_check(
     monkeypatch: pytest.MonkeyPatch, support: str | None, vendor: str, expected: str
 ) -> None:
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: support)
+    monkeypatch.setattr(runtime, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(engines, "cpu_bf16_support", lambda: support)
-    monkeypatch.setattr(engines, "cpu_vendor", lambda: vendor)
     chosen = engines.resolve_precision("auto", "torch", CPU)
     assert chosen.name == expected and chosen.reason.startswith("auto: ")
     # fp32 and bf16 are what they say, whatever the CPU (bf16 is emulated where it is not native)
@@ -111,10 +114,11 @@ def test_auto_follows_the_capability_check(
     assert "emulated" in engines.resolve_precision("bf16", "torch", CPU).reason or support is not None
 
 
+@pytest.mark.cpu_precision_rule
 def test_auto_is_float32_where_bf16_is_not_the_torch_engine_on_onednn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(engines, "cpu_bf16_support", lambda: "amx")
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: "amx")
     assert engines.resolve_precision("auto", "torch", CPU).name == "bf16"
     assert engines.resolve_precision("auto", "onnxruntime", CPU).name == "fp32"
     with pytest.raises(ValueError, match="needs --engine torch"):
@@ -147,6 +151,7 @@ def test_python_defaults_are_fp32_and_the_command_line_defaults_to_auto() -> Non
         parser.parse_args(["predict", "--precision", "fp16"])
 
 
+@pytest.mark.cpu_precision_rule
 def test_info_says_what_this_cpus_bf16_is(monkeypatch: pytest.MonkeyPatch) -> None:
     for support, kind, auto in (("amx", "native (AMX)", "bf16"), (None, "emulated", "fp32")):
         monkeypatch.setattr(runtime, "_cpu_capabilities", lambda s=support: {"amx_bf16": s, "amx_tile": s})

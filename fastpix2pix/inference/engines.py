@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +45,7 @@ from fastpix2pix.inference.export import onnx_model_bytes
 from fastpix2pix.models.size import SizeRule, input_channels, size_rule
 from fastpix2pix.ops.reference import activation
 from fastpix2pix.runs.options import ENGINES, PRECISIONS
-from fastpix2pix.runtime import BF16_KINDS, bf16_faster_than_fp32, cpu_bf16_support, cpu_vendor
+from fastpix2pix.runtime import BF16_KINDS, Precision, cpu_auto_precision, cpu_bf16_support
 
 __all__ = [
     "Engine",
@@ -63,17 +62,6 @@ PACKED_SHAPES = 4  # packed weights kept per block: one set per input shape, the
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FLOAT32_ENDS = True
 """In bf16, the first and the last convolution (the image in, the image out) compute in float32."""
-
-
-@dataclass(frozen=True)
-class Precision:
-    """What ``--precision`` resolved to: ``name`` (``fp32`` or ``bf16``) and why."""
-
-    name: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.reason})"
 
 
 class Engine:
@@ -170,17 +158,9 @@ def resolve_precision(
                 f"with oneDNN; here it is {where} (use --precision fp32 or auto)"
             )
         return Precision("fp32", f"auto: bf16 is for the CPU's oneDNN blocks, not {where}")
-    support, vendor = cpu_bf16_support(), cpu_vendor()
     if requested == "bf16":
-        return Precision("bf16", f"--precision bf16; this CPU's bf16 is {BF16_KINDS[support]}")
-    if support is None:
-        return Precision("fp32", "auto: bf16 is emulated on this CPU")
-    if support == "amx":
-        return Precision("bf16", "auto: AMX computes bf16 faster than float32")
-    cpu = {"amd": "an AMD", "intel": "an Intel"}.get(vendor, "this")
-    if bf16_faster_than_fp32(support, vendor):
-        return Precision("bf16", f"auto: AVX512-BF16 on {cpu} CPU computes bf16 faster than float32")
-    return Precision("fp32", f"auto: AVX512-BF16 without AMX is no faster than float32 on {cpu} CPU")
+        return Precision("bf16", f"--precision bf16; this CPU's bf16 is {BF16_KINDS[cpu_bf16_support()]}")
+    return cpu_auto_precision()
 
 
 # --- torch ------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ __all__ = [
 
 LR_POLICIES = ("linear", "step", "plateau", "cosine")
 ENGINES = ("torch", "onnxruntime")  # test/predict --engine (fastpix2pix.inference.engines)
-PRECISIONS = ("auto", "fp32", "bf16")  # test/predict/serve --precision (fastpix2pix.inference.engines)
+PRECISIONS = ("auto", "fp32", "bf16")  # --precision: train (training.precision), test/predict/serve (engines)
 COMMAND_LINE_PRECISION = "auto"  # the commands' default --precision (the dataclasses' is fp32)
 PRECISION_HELP = (
     "what the torch engine computes in: fp32; bf16 (on the CPU: bfloat16 convolutions on oneDNN, float32 "
@@ -207,9 +207,18 @@ class TrainOptions(DataLoadingOptions, ArchitectureOptions, RunOptions):
     )
     fast_path: str = option(
         "auto",
-        "the fast single-GPU path (bf16, channels_last, fused Adam, data on the GPU, the whole iteration in "
-        "one CUDA graph): auto = on for one CUDA process, off on the CPU and under torchrun",
+        "the fast single-device path (bf16, channels_last, fused Adam, data on the device; on CUDA the "
+        "whole iteration in one CUDA graph): auto = on for one CUDA process and for one CPU process "
+        "training in bf16 (see --precision), off elsewhere and under torchrun",
         choices=("auto", "on", "off"),
+    )
+    precision: str = option(
+        "auto",
+        "what the fast path trains in: bf16 (convolutions and activations in bfloat16; weights, BatchNorm "
+        "statistics, Adam state and losses in float32) or fp32; auto = bf16 on a GPU with native bf16 and on "
+        "a CPU that computes bf16 faster than float32 (AMX, or AVX512-BF16 on AMD), where --fast_path auto "
+        "then trains on the fast path; fp32 elsewhere (the plain trainer computes float32)",
+        PRECISIONS,
     )
     device_data: str = option(
         "auto",

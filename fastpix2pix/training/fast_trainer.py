@@ -12,7 +12,7 @@ import torch
 from fastpix2pix.data.sources.plan import plan_batch_source
 from fastpix2pix.ops.selfcheck import fused_kernels_usable, self_check_enabled
 from fastpix2pix.runs.options import TrainOptions
-from fastpix2pix.runtime import resolve_device
+from fastpix2pix.runtime import Precision, resolve_device
 from fastpix2pix.training.distributed import torchrun_environment
 from fastpix2pix.training.fast_step import (
     LOSS_BUFFER_ROWS,
@@ -30,6 +30,7 @@ from fastpix2pix.training.optim import (
     use_device_lr,
     uses_device_lr,
 )
+from fastpix2pix.training.precision import check_plain_precision, resolve_training_precision
 from fastpix2pix.training.progress import LossWindow, crossed
 from fastpix2pix.training.step import Optimizers
 from fastpix2pix.training.trainer import Trainer, train
@@ -68,7 +69,11 @@ class FastTrainer(Trainer):
                 "`fastpix2pix train` uses the plain DDP trainer there (see README, multiple GPUs)"
             )
         device = resolve_device(opt.device)
-        config = config or FastPathConfig.for_device(device)
+        if config is None:
+            self.precision = resolve_training_precision(opt.precision, device)
+            config = FastPathConfig.for_device(device, bf16=self.precision.bf16)
+        else:
+            self.precision = Precision("bf16" if config.bf16 else "fp32", "the FastPathConfig given")
         if opt.no_self_check:
             config = replace(config, verify_graph=False)
         self.config = config
@@ -84,11 +89,16 @@ class FastTrainer(Trainer):
 
     # --- setup (called by Trainer.__init__) ---
 
+    def _check_precision(self) -> None:
+        pass  # any precision: resolved in __init__, before the device and data were planned
+
     def _fast_path_text(self) -> str:
         choice = self.opt.fast_path
         if choice == "on" or self.device.type != "cuda":
-            return f"fast path on (--fast_path {choice}, {self.device.type} device)"
-        return f"fast path on (--fast_path {choice}: one CUDA process)"
+            where = f"--fast_path {choice}, {self.device.type} device"
+        else:
+            where = f"--fast_path {choice}: one CUDA process"
+        return f"fast path on ({where}), {self.precision}"
 
     def _build(self) -> None:
         super()._build()
@@ -250,12 +260,15 @@ class FastTrainer(Trainer):
 
 
 def use_fast_path(opt: TrainOptions) -> bool:
-    """``--fast_path``: auto means one CUDA process (the path is single-GPU; see :class:`FastTrainer`)."""
+    """``--fast_path``: auto means one process, on CUDA or training in bf16 on the CPU (``--precision``;
+    the path is single-device, see :class:`FastTrainer`)."""
     if opt.fast_path != "auto":
         return opt.fast_path == "on"
     environment = torchrun_environment()
-    single_process = environment is None or environment[1] == 1
-    return single_process and resolve_device(opt.device).type == "cuda"
+    if environment is not None and environment[1] > 1:
+        return False
+    device = resolve_device(opt.device)
+    return device.type == "cuda" or resolve_training_precision(opt.precision, device).bf16
 
 
 def fast_train(
@@ -270,11 +283,10 @@ def fast_train(
 def run_training(opt: TrainOptions, *, progress_bar: bool = True) -> Trainer:
     """Train as ``fastpix2pix train`` does: the fast trainer where :func:`use_fast_path` chooses it, else the
     plain one. Returns the trainer after its last epoch (or ``--max_iters``)."""
-    return (
-        fast_train(opt, progress_bar=progress_bar)
-        if use_fast_path(opt)
-        else train(opt, progress_bar=progress_bar)
-    )
+    if use_fast_path(opt):
+        return fast_train(opt, progress_bar=progress_bar)
+    check_plain_precision(opt.precision)  # before the plain trainer makes its run folder
+    return train(opt, progress_bar=progress_bar)
 
 
 def _seconds(work: Callable[[], object]) -> float:

@@ -82,6 +82,7 @@ from fastpix2pix.training.distributed import (
     init_distributed,
 )
 from fastpix2pix.training.optim import build_optimizers, build_scheduler
+from fastpix2pix.training.precision import check_plain_precision, resolve_training_precision
 from fastpix2pix.training.progress import LossWindow, Progress, crossed
 from fastpix2pix.training.resume import (
     SavedCheckpoint,
@@ -155,6 +156,7 @@ class Trainer:
         opt, resumed = self._load_resume_state(opt)
         self.opt = self._complete_options(opt, resumed)
         check_determinism_support(self.opt, self.device)
+        self._check_precision()
         seed_everything(self.opt.seed)
         self._build()
         self._seed_rank_stream()
@@ -642,15 +644,20 @@ class Trainer:
             f"{opt.backend}, seed {opt.seed}: {left} iterations"
         )
 
+    def _check_precision(self) -> None:
+        """The plain trainer computes float32 (:class:`FastTrainer` overrides this)."""
+        check_plain_precision(self.opt.precision)
+
     def _fast_path_text(self) -> str:
         """Why this trainer is not the fast one (:class:`FastTrainer` says why it is)."""
         choice = self.opt.fast_path
         if choice == "off":
             why = "--fast_path off"
         elif self.world_size > 1:
-            why = f"{self.world_size} processes under torchrun; the fast path is single-GPU"
+            why = f"{self.world_size} processes under torchrun; the fast path is single-device"
         elif self.device.type != "cuda":
-            why = f"{self.device.type} device; the fast path is for CUDA"
+            precision = resolve_training_precision(self.opt.precision, self.device)
+            why = f"{self.device.type} device, {precision}; on a CPU the fast path is for bf16"
         else:
             why = "the plain Trainer was built directly; `fastpix2pix train` chooses the fast path"
         return f"fast path off ({why})"
