@@ -55,6 +55,15 @@ TORCH_LIBRARY(fastpix2pix, m) {
       "l1_loss(Tensor pred, Tensor target, float weight, bool compute_grad) "
       "-> (Tensor loss, Tensor grad)");
 
+  // --- optimizer: Adam on float32 master weights from low-precision gradients (cpu/adam.cpp) ---------
+  // Per i: steps[i] += 1, then torch.optim.Adam's update (amsgrad off) of params[i] (float32) and its
+  // moments from grads[i], and copies[i] = params[i] rounded to the copies' dtype (bfloat16, float16 or
+  // float32, the grads' dtype). The moments and copy have the param's shape and strides.
+  m.def(
+      "adam_master_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] copies, Tensor(e!)[] steps, float lr, float beta1, "
+      "float beta2, float weight_decay, float eps) -> ()");
+
   // --- blocks: convolution (ATen: oneDNN / cuDNN) + the fused epilogue (blocks.cpp) -------------
   // Training: batch statistics, returned as mean/var. Eval: running statistics normalise and are
   // returned (copied). conv_out is the pre-normalisation convolution output, kept for backward.

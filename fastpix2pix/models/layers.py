@@ -105,6 +105,8 @@ class ConvBlock(nn.Module):
         self._backend_name = ""
         self._ops: ModuleType | None = None
         self.backend = default_backend() if backend is None else backend
+        # A low-precision copy of conv.weight that an optimizer keeps (see _autocast_inputs); None: cast.
+        self.compute_weight: torch.Tensor | None = None
 
     @property
     def backend(self) -> str:
@@ -123,7 +125,7 @@ class ConvBlock(nn.Module):
             return self._forward_batch_norm(x)
         if self._is_instance_norm:
             return activation(self.norm(self.conv(x)), self.negative_slope)
-        x, weight = _autocast_inputs(x, self.conv.weight)
+        x, weight = _autocast_inputs(x, self.conv.weight, self.compute_weight)
         conv = self.conv
         return self._ops.conv_bias_act(
             x,
@@ -140,7 +142,7 @@ class ConvBlock(nn.Module):
         bn = self.norm
         training = self.training
         momentum = _step_momentum(bn, training)
-        x, weight = _autocast_inputs(x, self.conv.weight)
+        x, weight = _autocast_inputs(x, self.conv.weight, self.compute_weight)
         return self._ops.conv_bn_act(
             x,
             weight,
@@ -165,7 +167,7 @@ class ConvBlock(nn.Module):
         if group is None:  # eval, or no other process: exactly the batch-norm block (one fused op)
             return self._forward_batch_norm(x)
         conv = self.conv
-        x, weight = _autocast_inputs(x, conv.weight)
+        x, weight = _autocast_inputs(x, conv.weight, self.compute_weight)
         y = convolution(
             x, weight, conv.bias, self._stride, self._padding, self._output_padding, self.transposed
         )
@@ -191,6 +193,7 @@ class ConvBlock(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("compute_weight", None)  # pickled before the attribute existed
         try:
             self._ops = get_backend(self._backend_name)
         except RuntimeError:  # pickled with "fused", loaded where the extension is not built
@@ -201,18 +204,28 @@ class ConvBlock(nn.Module):
             self.backend = "reference"
 
 
-def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _autocast_inputs(
+    x: torch.Tensor, weight: torch.Tensor, compute_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation and conv weight in the autocast dtype when autocast is on for ``x``'s device.
 
     The fused ops have no autocast kernels, so without this they would run in float32 under autocast
     while the reference's ATen conv runs in bf16; casting here makes both backends compute the same
     thing. Only these two are cast: conv biases, BatchNorm parameters and running statistics stay float32
     (the kernels take them as float32), and the weight's gradient flows back through the cast as float32.
+
+    ``compute_weight``, when given in the autocast dtype, is used instead of casting ``weight``: a copy that
+    an optimizer rewrites after each step (:class:`fastpix2pix.training.master_weights.MasterWeightAdam`),
+    which then receives the gradient, in that dtype, in place of ``weight``.
     """
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
         return x, weight
     dtype = torch.get_autocast_dtype(device_type)
+    if compute_weight is not None and compute_weight.dtype == dtype:
+        if compute_weight.requires_grad != weight.requires_grad:  # follow set_requires_grad(net, ...)
+            compute_weight.requires_grad_(weight.requires_grad)
+        return x.to(dtype), compute_weight
     return x.to(dtype), weight.to(dtype)
 
 

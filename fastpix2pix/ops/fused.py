@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -11,7 +11,14 @@ import torch
 from fastpix2pix.ops import kernels, reference
 from fastpix2pix.ops.selfcheck import fused_kernels_usable
 
-__all__ = ["conv_bias_act", "conv_bn_act", "gan_loss", "l1_loss", "update_running_stats"]
+__all__ = [
+    "adam_master_step_",
+    "conv_bias_act",
+    "conv_bn_act",
+    "gan_loss",
+    "l1_loss",
+    "update_running_stats",
+]
 
 
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
@@ -44,3 +51,13 @@ conv_bias_act = _self_checked(reference.conv_bias_act)(kernels.conv_bias_act)
 gan_loss = _self_checked(reference.gan_loss)(kernels.gan_loss)
 l1_loss = _self_checked(reference.l1_loss)(kernels.l1_loss)
 update_running_stats = kernels.update_running_stats
+
+
+def adam_master_step_(params: Sequence[torch.Tensor], *args: Sequence[torch.Tensor], **hyper: float) -> None:
+    """The CPU kernel where the kernel check passed on the CPU; the reference elsewhere (it has no CUDA
+    kernel yet: on CUDA the reference's per-tensor ops run)."""
+    device = params[0].device if params else torch.device("cpu")
+    if device.type == "cpu" and _usable(device):
+        kernels.adam_master_step_(params, *args, **hyper)
+    else:
+        reference.adam_master_step_(params, *args, **hyper)

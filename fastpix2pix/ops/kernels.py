@@ -14,7 +14,14 @@ import torch
 from fastpix2pix._extension import REBUILD_HINT, extension_available
 from fastpix2pix.ops.reference import GAN_MODES
 
-__all__ = ["conv_bias_act", "conv_bn_act", "gan_loss", "l1_loss", "update_running_stats"]
+__all__ = [
+    "adam_master_step_",
+    "conv_bias_act",
+    "conv_bn_act",
+    "gan_loss",
+    "l1_loss",
+    "update_running_stats",
+]
 
 if not extension_available():
     raise ImportError(f"fastpix2pix.ops needs the compiled library fastpix2pix._C: {REBUILD_HINT}")
@@ -95,6 +102,28 @@ def l1_loss(pred: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> to
     """``weight * mean|pred - target|``; its gradient is computed in the same pass as the value."""
     loss, _ = _lib.l1_loss(pred, target, weight, _wants_grad(pred, target))
     return loss
+
+
+def adam_master_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    copies: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+) -> None:
+    """Adam on float32 master weights from low-precision gradients, writing the low-precision copies
+    (CPU): :func:`fastpix2pix.ops.reference.adam_master_step_`."""
+    _lib.adam_master_step_(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(copies), list(steps),
+        lr, beta1, beta2, weight_decay, eps,
+    )  # fmt: skip
 
 
 def update_running_stats(
@@ -235,6 +264,11 @@ def _gan_loss_fake(logits, target_is_real, mode, compute_grad):
 def _l1_loss_fake(pred, target, weight, compute_grad):
     grad = torch.empty_like(pred) if compute_grad else None
     return pred.new_empty((), dtype=_stats_dtype(pred)), grad
+
+
+@torch.library.register_fake("fastpix2pix::adam_master_step_")
+def _adam_master_step_fake(params, grads, exp_avgs, exp_avg_sqs, copies, steps, lr, beta1, beta2, wd, eps):
+    return None  # in place only
 
 
 @torch.library.register_fake("fastpix2pix::conv_bn_act")

@@ -104,3 +104,41 @@ def l1_loss(pred: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> to
     """``weight * mean|pred - target|``, in float32 or wider."""
     acc = torch.promote_types(pred.dtype, torch.float32)
     return weight * F.l1_loss(pred.to(acc), target.to(acc))
+
+
+def adam_master_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    copies: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+) -> None:
+    """``torch.optim.Adam``'s step (amsgrad off, not maximizing) on float32 master weights ``params`` from
+    gradients in a lower precision, in place; then each copy becomes its weight rounded to the copies'
+    dtype (the weight the next forward computes with). ``steps`` are the per-weight step counts (float32
+    one-element tensors, as Adam keeps them), incremented first."""
+    with torch.no_grad():
+        for param, grad, exp_avg, exp_avg_sq, copy, step in zip(
+            params, grads, exp_avgs, exp_avg_sqs, copies, steps, strict=True
+        ):
+            step.add_(1)
+            # Bias corrections from the step tensor, not its value: no host read, so the update can be
+            # captured in a graph and replayed (as torch.optim.Adam's capturable mode does).
+            count = step.to(param.device, param.dtype)
+            step_size = lr / (1 - torch.pow(beta1, count))
+            bias2_sqrt = (1 - torch.pow(beta2, count)).sqrt()
+            grad32 = grad.to(param.dtype)
+            if weight_decay:
+                grad32 = grad32 + weight_decay * param
+            exp_avg.lerp_(grad32, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad32, grad32, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+            param.sub_(exp_avg / denom * step_size)
+            copy.copy_(param)

@@ -52,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastpix2pix.data.sources.base import BatchSource
 from fastpix2pix.runs.networks import Networks
 from fastpix2pix.runs.options import TrainOptions
+from fastpix2pix.training.master_weights import MasterWeightAdam
 from fastpix2pix.training.step import LOSS_NAMES, Objective, Optimizers, train_step
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "FastPathConfig",
     "FastStep",
     "GraphRuntime",
+    "attach_weight_copies",
     "build_fast_optimizers",
     "default_generator",
 ]
@@ -89,6 +91,7 @@ class FastPathConfig:
     device_data: bool
     loss_readback_every: int = 0
     verify_graph: bool = True
+    weight_copies: bool = False
 
     @classmethod
     def for_device(cls, device: torch.device | str, **changes: Any) -> FastPathConfig:
@@ -102,6 +105,9 @@ class FastPathConfig:
             "fused_adam": True,  # CPU too: several times faster than foreach there
             "cuda_graph": cuda,
             "device_data": True,
+            # bf16 conv weights kept by the optimizer (fastpix2pix.training.master_weights): its fused
+            # kernel is CPU-only so far; CUDA casts under autocast as before.
+            "weight_copies": bf16 and not cuda,
         }
         return cls(**(defaults | changes))
 
@@ -110,6 +116,8 @@ class FastPathConfig:
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
         if self.cuda_graph and not self.device_data:
             raise ValueError("cuda_graph needs device_data (the graph reads its batch from static buffers)")
+        if self.weight_copies and not (self.bf16 and self.fused_adam):
+            raise ValueError("weight_copies needs bf16 and fused_adam (the copies are bf16, kept by Adam)")
         if self.loss_readback_every < 0:
             raise ValueError(f"loss_readback_every must be >= 0, got {self.loss_readback_every}")
 
@@ -126,16 +134,29 @@ def build_fast_optimizers(nets: Networks, opt: TrainOptions, config: FastPathCon
 
     def adam(params: Iterable[nn.Parameter]) -> torch.optim.Adam:
         fused = config.fused_adam  # CUDA and CPU both have it
-        return torch.optim.Adam(
-            list(params),
-            lr=opt.lr,
-            betas=(opt.beta1, 0.999),
-            fused=True if fused else None,
-            foreach=None if fused else True,
-            capturable=config.cuda_graph,
-        )
+        settings: dict[str, Any] = {
+            "lr": opt.lr,
+            "betas": (opt.beta1, 0.999),
+            "fused": True if fused else None,
+            "foreach": None if fused else True,
+            "capturable": config.cuda_graph,
+        }
+        if config.weight_copies:  # the copies are attached once the weights are final (attach_weight_copies)
+            return MasterWeightAdam(list(params), backend=opt.backend, **settings)
+        return torch.optim.Adam(list(params), **settings)
 
     return Optimizers(adam(nets.G.parameters()), adam(nets.D.parameters()))
+
+
+def attach_weight_copies(nets: Networks, optimizers: Optimizers) -> int:
+    """Give the networks the bf16 weight copies their :class:`MasterWeightAdam` keeps (a no-op for other
+    optimizers), rewritten from the current weights: call it once the weights are final (after
+    initialisation or a resume). Returns the number of copies."""
+    count = 0
+    for net, optimizer in zip(nets, optimizers, strict=True):
+        if isinstance(optimizer, MasterWeightAdam):
+            count += optimizer.attach(net, torch.bfloat16)
+    return count
 
 
 # --- capturing a graph: the CUDA calls, and a CPU stand-in for tests --------------------------------------
@@ -467,6 +488,9 @@ class FastStep:
                 for name, value in optimizer.state.get(param, {}).items():
                     if isinstance(value, torch.Tensor):
                         tensors[f"opt{key}.{i}.{name}"] = value
+                copy = getattr(optimizer, "copies", {}).get(param)
+                if copy is not None:  # MasterWeightAdam's bf16 weight copies
+                    tensors[f"opt{key}.{i}.copy"] = copy
         return tensors
 
     def _snapshot(self) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from fastpix2pix.training.fast_step import (
     FastPathConfig,
     FastStep,
     GraphRuntime,
+    attach_weight_copies,
     build_fast_optimizers,
 )
 from fastpix2pix.training.graph_check import verify_captured_step
@@ -176,6 +177,7 @@ class FastTrainer(Trainer):
         if self.step is None:
             self.nets.G.train()
             self.nets.D.train()
+            attach_weight_copies(self.nets, self.optimizers)  # from the final (initial or resumed) weights
             step = FastStep(
                 self.nets, self.optimizers, self.objective, self.data,
                 bf16=self.config.bf16, loss_rows=min(self.readback_every, LOSS_BUFFER_ROWS),
