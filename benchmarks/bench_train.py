@@ -70,7 +70,12 @@ from fastpix2pix.models import convert_official_state_dict
 from fastpix2pix.ops.backend import default_backend
 from fastpix2pix.runs.networks import Networks, build_networks
 from fastpix2pix.runs.options import TrainOptions
-from fastpix2pix.training.fast_step import FastPathConfig, FastStep, build_fast_optimizers
+from fastpix2pix.training.fast_step import (
+    FastPathConfig,
+    FastStep,
+    attach_weight_copies,
+    build_fast_optimizers,
+)
 from fastpix2pix.training.fast_trainer import use_fast_path
 from fastpix2pix.training.optim import build_optimizers
 from fastpix2pix.training.step import LOSS_NAMES, Objective, Optimizers, train_step
@@ -345,10 +350,11 @@ def eager_row(args, device, batch, *, bf16: bool, compile_mode: str | None = Non
     return Row(name, run, lambda: last, f"reference ops, {what}, compile {compile_mode}")
 
 
-def fast_row(args, device, batch) -> Row:
+def fast_row(args, device, batch, name: str = "fast_path", **changes: Any) -> Row:
+    """FastStep with the device's fast-path defaults, ``changes`` applied (FastPathConfig fields)."""
     backend = default_backend()
     nets = our_networks(args, backend, device)
-    config = FastPathConfig.for_device(device, loss_readback_every=FAST_LOSS_ROWS)
+    config = FastPathConfig.for_device(device, loss_readback_every=FAST_LOSS_ROWS, **changes)
     for net in nets:
         net.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     optimizers = build_fast_optimizers(nets, TrainOptions(netG=args.netG), config)
@@ -358,6 +364,7 @@ def fast_row(args, device, batch) -> Row:
         for optimizer in optimizers:
             use_device_lr(optimizer)
     rotation = Rotation(make_batches(args, batch, device, config.channels_last))
+    attach_weight_copies(nets, optimizers)
     step = FastStep(nets, optimizers, Objective(backend=backend), lambda: (rotation.A, rotation.B),
                     bf16=config.bf16, loss_rows=FAST_LOSS_ROWS)  # fmt: skip
     if config.cuda_graph:
@@ -376,14 +383,23 @@ def fast_row(args, device, batch) -> Row:
     group = optimizers.G.param_groups[0]
     adam = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop"
     layout = "channels_last" if config.channels_last else "nchw"
-    note = f"FastStep, {backend} ops, bf16={config.bf16}, {layout}, Adam {adam}, graph={config.cuda_graph}"
-    return Row("fast_path", run, losses, note)
+    note = (
+        f"FastStep, {backend} ops, bf16={config.bf16}, {layout}, Adam {adam}, graph={config.cuda_graph}, "
+        f"weight copies={config.weight_copies}"
+    )
+    return Row(name, run, losses, note)
 
 
 NAMED_ROWS: dict[str, Callable[..., Row]] = {
     BASELINE: official_row,
     "default": default_row,
     "fast_path": fast_row,
+    # The bf16 fast path on the CPU (what --precision bf16 trains), with the optimizer's bf16 weight
+    # copies (its default) and with per-forward weight casts instead.
+    "fast_path_bf16": lambda a, d, b: fast_row(a, d, b, "fast_path_bf16", bf16=True),
+    "fast_path_bf16_cast": lambda a, d, b: fast_row(
+        a, d, b, "fast_path_bf16_cast", bf16=True, weight_copies=False
+    ),
     "eager_fp32": lambda a, d, b: ours_row(a, d, b, "reference", "nchw", "default", "eager_fp32"),
     "eager_bf16_cl_fusedadam": lambda a, d, b: eager_row(a, d, b, bf16=True, name="eager_bf16_cl_fusedadam"),
     "compile_default": lambda a, d, b: eager_row(

@@ -38,7 +38,12 @@ from harness import cpu_info, environment
 from fastpix2pix._extension import extension_available
 from fastpix2pix.runs.networks import build_networks
 from fastpix2pix.runs.options import TrainOptions
-from fastpix2pix.training.fast_step import FastPathConfig, FastStep, build_fast_optimizers
+from fastpix2pix.training.fast_step import (
+    FastPathConfig,
+    FastStep,
+    attach_weight_copies,
+    build_fast_optimizers,
+)
 from fastpix2pix.training.step import Objective
 
 ZERO_FILLS = {"zeros_like", "zeros", "zero_", "new_zeros"}
@@ -142,7 +147,11 @@ def build_step(args: argparse.Namespace) -> FastStep:
     device = torch.device("cpu")
     opt = TrainOptions(netG=args.netG, ngf=64, ndf=64, lr=2e-4, batch_size=args.batch, device="cpu")
     backend = "fused" if extension_available() else "reference"
-    config = FastPathConfig.for_device(device, bf16=True, channels_last=True, cuda_graph=False)
+    # The CUDA iteration's settings, less the graph; the optimizer's bf16 weight copies as --weight-copies
+    # says (the CUDA default has none yet: their kernel is CPU-only).
+    config = FastPathConfig.for_device(
+        device, bf16=True, channels_last=True, cuda_graph=False, weight_copies=args.weight_copies
+    )
     torch.manual_seed(0)
     nets = build_networks(opt, backend, device)
     for net in nets:
@@ -151,6 +160,7 @@ def build_step(args: argparse.Namespace) -> FastStep:
     size = args.size
     A = torch.randn(args.batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     B = torch.randn(args.batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    attach_weight_copies(nets, optimizers)
     step = FastStep(nets, optimizers, Objective(backend=backend), lambda: (A, B), bf16=True, loss_rows=8)
     return step
 
@@ -184,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--weight-copies",
+        action="store_true",
+        help="bf16 weight copies kept by the optimizer (MasterWeightAdam)",
+    )
     parser.add_argument("--label", default="", help="what this count is of (e.g. before / after a change)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     args = parser.parse_args(argv)
@@ -191,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         "what": "one fast-path iteration (bf16, channels_last, fused Adam, fused ops), counted on the CPU",
         "label": args.label,
         "date": datetime.date.today().isoformat(),
-        "config": {"netG": args.netG, "netD": "basic", "size": args.size, "batch": args.batch},
+        "config": {
+            "netG": args.netG,
+            "netD": "basic",
+            "size": args.size,
+            "batch": args.batch,
+            "weight_copies": args.weight_copies,
+        },
         "environment": environment(torch.device("cpu"), args) | {"cpu": cpu_info()},
         **count(args),
     }
