@@ -152,4 +152,48 @@ inline at::Tensor channel_param(const std::optional<at::Tensor>& t, at::ScalarTy
   return t->to(dtype).contiguous();
 }
 
+// The arguments of adam_master_step_ (schema: fastpix2pix.cpp), shared by its CPU and CUDA kernels: the lists
+// of one length; per entry a dense float32 weight, float32 moments and a copy with its shape and strides, a
+// gradient of the copy's dtype (bfloat16, float16 or float32) and shape, and a one-element float32 step count;
+// lr a one-element float32 tensor. All on `device`.
+inline void check_adam_master_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                   at::TensorList exp_avg_sqs, at::TensorList copies, at::TensorList steps,
+                                   const at::Tensor& lr, const c10::Device& device) {
+  constexpr const char* op = "fastpix2pix::adam_master_step_";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && copies.size() == n &&
+                  steps.size() == n,
+              op, ": params, grads, exp_avgs, exp_avg_sqs, copies and steps must have one length");
+  TORCH_CHECK(lr.defined() && lr.numel() == 1 && lr.scalar_type() == at::kFloat && lr.device() == device, op,
+              ": lr must be a one-element float32 tensor on ", device);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& param = params[i];
+    TORCH_CHECK(param.device() == device, op, ": params[", i, "] is on ", param.device(), ", not ", device);
+    TORCH_CHECK(param.scalar_type() == at::kFloat, op, ": params[", i, "] must be float32, got ",
+                param.scalar_type());
+    TORCH_CHECK(param.is_non_overlapping_and_dense(), op, ": params[", i, "] must be dense");
+    const auto dtype = copies[i].scalar_type();
+    TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat, op, ": copies[", i,
+                "] must be bfloat16, float16 or float32, got ", dtype);
+    TORCH_CHECK(grads[i].scalar_type() == dtype, op, ": grads[", i, "] (", grads[i].scalar_type(),
+                ") and copies[", i, "] (", dtype, ") must have one dtype");
+    TORCH_CHECK(exp_avgs[i].scalar_type() == at::kFloat && exp_avg_sqs[i].scalar_type() == at::kFloat, op,
+                ": the moments of params[", i, "] must be float32");
+    for (const at::Tensor* t : {&grads[i], &exp_avgs[i], &exp_avg_sqs[i], &copies[i]}) {
+      check_same_shape(param, *t, op, "a gradient, moment or copy");
+    }
+    for (const at::Tensor* t : {&exp_avgs[i], &exp_avg_sqs[i], &copies[i]}) {
+      TORCH_CHECK(t->strides() == param.strides(), op, ": the moments and copy of params[", i,
+                  "] must have its strides");
+    }
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat && steps[i].device() == device,
+                op, ": steps[", i, "] must be a one-element float32 tensor on ", device);
+  }
+}
+
+// A gradient laid out as its weight (a conv backward may return another layout than the weight's).
+inline at::Tensor in_layout_of(const at::Tensor& grad, const at::Tensor& param) {
+  return grad.strides() == param.strides() ? grad : at::empty_like(param, grad.options()).copy_(grad);
+}
+
 }  // namespace fastpix2pix

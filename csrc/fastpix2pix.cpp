@@ -58,10 +58,11 @@ TORCH_LIBRARY(fastpix2pix, m) {
   // --- optimizer: Adam on float32 master weights from low-precision gradients (cpu/adam.cpp) ---------
   // Per i: steps[i] += 1, then torch.optim.Adam's update (amsgrad off) of params[i] (float32) and its
   // moments from grads[i], and copies[i] = params[i] rounded to the copies' dtype (bfloat16, float16 or
-  // float32, the grads' dtype). The moments and copy have the param's shape and strides.
+  // float32, the grads' dtype). The moments and copy have the param's shape and strides. lr and the steps
+  // are tensors on the params' device, read there (a CUDA graph replays the op with their current values).
   m.def(
       "adam_master_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] copies, Tensor(e!)[] steps, float lr, float beta1, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] copies, Tensor(e!)[] steps, Tensor lr, float beta1, "
       "float beta2, float weight_decay, float eps) -> ()");
 
   // --- blocks: convolution (ATen: oneDNN / cuDNN) + the fused epilogue (blocks.cpp) -------------

@@ -39,6 +39,7 @@ from test_cuda_ops import (
 )
 
 from fastpix2pix.ops.reference import activation as reference_activation
+from fastpix2pix.ops.reference import adam_master_step_ as reference_adam_master_step_
 from fastpix2pix.ops.reference import gan_loss as reference_gan_loss
 from fastpix2pix.ops.reference import l1_loss as reference_l1_loss
 
@@ -542,3 +543,77 @@ def test_l1_loss_float32_matches_reference_at_pix2pix_sizes(emu, image, layout, 
     pred, target = random_inputs(IMAGES[image], MEMORY_FORMATS[layout], "cpu", generator)
     expected = reference_loss(lambda p, t: reference_l1_loss(p, t, 100.0), pred, target)
     assert_float32_matches(fused_loss(emu.l1_loss, pred, target, 100.0, True), expected)
+
+
+# --- the optimizer kernel: adam_master_step_ ------------------------------------------------------------
+
+ADAM_SHAPES = [(8, 3, 4, 4), (16, 8, 4, 4), (7,), (3, 5), (1,), (0,), (2000,)] * 6  # 42: two launches
+
+
+def adam_state(
+    dtype: torch.dtype, generator: torch.Generator, wide: bool = False
+) -> list[list[torch.Tensor]]:
+    """Weights (every other 4-D one channels_last), moments as after some steps, gradients (every third in
+    another layout than its weight), copies and step counts from 0 to 4; float64 for ``wide``."""
+    params, grads, exp_avgs, exp_avg_sqs, copies, steps = [], [], [], [], [], []
+    for k, shape in enumerate(ADAM_SHAPES):
+        fmt = torch.channels_last if len(shape) == 4 and k % 2 else torch.contiguous_format
+        param = torch.randn(shape, generator=generator, dtype=torch.float64).to(memory_format=fmt)
+        exp_avg = 0.1 * torch.randn(shape, generator=generator, dtype=torch.float64).to(memory_format=fmt)
+        exp_avg_sq = 0.01 * torch.rand(shape, generator=generator, dtype=torch.float64).to(memory_format=fmt)
+        grad = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        if len(shape) == 4 and k % 3 == 0:
+            grad = grad.to(
+                memory_format=torch.channels_last
+                if fmt == torch.contiguous_format
+                else torch.contiguous_format
+            )
+        wide_or_float = torch.float64 if wide else torch.float32
+        params.append(param.to(wide_or_float))
+        exp_avgs.append(exp_avg.to(wide_or_float))
+        exp_avg_sqs.append(exp_avg_sq.to(wide_or_float))
+        grads.append(grad)
+        copies.append(torch.empty_like(param, dtype=torch.float64 if wide else dtype))
+        steps.append(torch.full((), float(k % 5)))
+    return [params, grads, exp_avgs, exp_avg_sqs, copies, steps]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("sms", SM_COUNTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_adam_master_step(emu, dtype, sms, weight_decay):
+    """Every weight, moment and copy element written (NaN-poisoned otherwise), each within a few float32
+    roundings of the float64 update, the copy the weight rounded exactly, the counts advanced by one."""
+    emu.set_sm_count(sms)
+    hyper = {"beta1": 0.5, "beta2": 0.999, "weight_decay": weight_decay, "eps": 1e-8}
+    state = adam_state(dtype, torch.Generator().manual_seed(sms))
+    start = [p.clone() for p in state[0]]
+    truth = adam_state(dtype, torch.Generator().manual_seed(sms), wide=True)
+    launches = emu.launches()
+    emu.adam_master_step_(
+        *state, torch.tensor(2e-3), hyper["beta1"], hyper["beta2"], weight_decay, hyper["eps"]
+    )
+    assert emu.launches() - launches == 2  # 42 weights, 41 not empty: 32 + 9
+    reference_adam_master_step_(*truth, lr=2e-3, **hyper)
+    for k, (param, copy) in enumerate(zip(state[0], state[4], strict=True)):
+        if param.numel() == 0:
+            continue
+        step_size = float((truth[0][k] - start[k].double()).abs().max())
+        ulp = 2**-23 * float(truth[0][k].abs().max())  # float32 spacing at the largest weight
+        assert float((param.double() - truth[0][k]).abs().max()) <= 1e-4 * step_size + 2 * ulp, k
+        for got, exact in ((state[2][k], truth[2][k]), (state[3][k], truth[3][k])):
+            assert float((got.double() - exact).abs().max()) <= 1e-6 * float(exact.abs().max()) + 1e-12, k
+        assert torch.equal(copy, param.to(dtype)), k
+        assert param.stride() == start[k].stride()
+    assert [float(s) for s in state[5]] == [float(k % 5 + 1) for k in range(len(ADAM_SHAPES))]
+
+
+def test_adam_master_step_checks_its_arguments(emu):
+    state = adam_state(torch.bfloat16, torch.Generator().manual_seed(0))
+    args = (0.5, 0.999, 0.0, 1e-8)
+    with pytest.raises(RuntimeError, match="must have one length"):
+        emu.adam_master_step_(state[0], state[1][:-1], *state[2:], torch.tensor(1e-3), *args)
+    with pytest.raises(RuntimeError, match="lr must be a one-element float32 tensor"):
+        emu.adam_master_step_(*state, torch.tensor([1e-3, 1e-3]), *args)
+    with pytest.raises(RuntimeError, match="must have one dtype"):
+        emu.adam_master_step_(state[0], [g.half() for g in state[1]], *state[2:], torch.tensor(1e-3), *args)

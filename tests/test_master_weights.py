@@ -26,7 +26,7 @@ from fastpix2pix.training.master_weights import MasterWeightAdam
 
 needs_extension = pytest.mark.skipif(not extension_available(), reason="the compiled extension is not built")
 COPIES = True
-HYPER = {"lr": 2e-3, "beta1": 0.5, "beta2": 0.999, "weight_decay": 0.0, "eps": 1e-8}
+HYPER = {"lr": torch.tensor(2e-3), "beta1": 0.5, "beta2": 0.999, "weight_decay": 0.0, "eps": 1e-8}
 SHAPES = [(16, 3, 4, 4), (32, 16, 4, 4), (7,), (1, 5, 3), (70_001,)]
 
 
@@ -120,7 +120,7 @@ def test_reference_equals_torch_adam(weight_decay: float) -> None:
     """The independent reference: torch.optim.Adam on the same gradients cast to float32."""
     state = adam_inputs(3, torch.bfloat16, True)
     masters = [p.clone().requires_grad_() for p in state[0]]
-    adam = torch.optim.Adam(masters, lr=HYPER["lr"], betas=(0.5, 0.999), weight_decay=weight_decay)
+    adam = torch.optim.Adam(masters, lr=2e-3, betas=(0.5, 0.999), weight_decay=weight_decay)
     for k in range(15):
         grads = gradients(100 + k, torch.bfloat16)
         for master, grad in zip(masters, grads, strict=True):
@@ -198,10 +198,11 @@ def test_copies_follow_requires_grad_and_are_left_without_autocast() -> None:
         FastPathConfig.for_device("cpu", bf16=False, weight_copies=True).check(torch.device("cpu"))
 
 
-def test_cpu_defaults_take_copies_with_bf16_only() -> None:
+def test_defaults_take_copies_with_bf16_only() -> None:
     assert FastPathConfig.for_device("cpu", bf16=True).weight_copies
-    assert not FastPathConfig.for_device("cpu").weight_copies
-    assert not FastPathConfig.for_device("cuda").weight_copies  # no CUDA kernel yet
+    assert not FastPathConfig.for_device("cpu").weight_copies  # float32 on the CPU by default
+    assert FastPathConfig.for_device("cuda").weight_copies  # bf16; attached where the kernel passes its check
+    assert not FastPathConfig.for_device("cuda", bf16=False).weight_copies
 
 
 def bf16_trainer(opt, name: str, copies: bool, graphed: bool = False) -> FastTrainer:
@@ -270,3 +271,78 @@ def test_resume_with_copies_is_bit_exact(tiny_data: Path, tmp_path: Path) -> Non
     a, b = (load_checkpoint(checkpoint_path(t.run_dir, "latest")) for t in (straight, resumed))
     for key in ("G", "D", "optimizer_G", "optimizer_D", "iteration"):
         assert_same(a[key], b[key], key)
+
+
+@needs_extension
+def test_the_start_up_check_catches_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that disagrees with the reference is caught once per device; the reference runs there."""
+    from fastpix2pix.ops import fused, kernels, selfcheck
+
+    selfcheck.reset_kernel_checks()
+    assert selfcheck.adam_kernel_usable(torch.device("cpu"))
+
+    def off_by_a_little(params, *args, **hyper):
+        kernels_step(params, *args, **hyper)
+        for param in params:
+            param.mul_(1 + 1e-3)
+
+    kernels_step = kernels.adam_master_step_
+    monkeypatch.setattr(kernels, "adam_master_step_", off_by_a_little)
+    selfcheck.reset_kernel_checks()
+    try:
+        with pytest.warns(selfcheck.KernelCheckWarning, match="adam_master_step_"):
+            assert not selfcheck.adam_kernel_usable(torch.device("cpu"))
+        assert not fused.adam_kernel_runs(torch.device("cpu"))
+        state = adam_inputs(0, torch.bfloat16, False)
+        expected = adam_inputs(0, torch.bfloat16, False)
+        fused.adam_master_step_(state[0], gradients(1, torch.bfloat16), *state[1:], **HYPER)
+        reference.adam_master_step_(expected[0], gradients(1, torch.bfloat16), *expected[1:], **HYPER)
+        for a, b in zip(state[0], expected[0], strict=True):
+            assert torch.equal(a, b)  # the reference ran
+    finally:
+        selfcheck.reset_kernel_checks()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+@needs_extension
+def test_cuda_kernel_equals_the_reference_and_replays_in_a_graph() -> None:
+    """On the GPU: the kernel against the float64 reference, then captured in a CUDA graph and replayed
+    (lr and the step counts read at each replay) against the same number of eager steps."""
+    from fastpix2pix.ops import kernels
+
+    cuda = torch.device("cuda")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        state = [[t.to(cuda) for t in column] for column in adam_inputs(4, dtype, True)]
+        truth = in_float64(adam_inputs(4, dtype, True))
+        lr = torch.tensor(2e-3, device=cuda)
+        for k in range(3):
+            grads = gradients(200 + k, dtype)
+            kernels.adam_master_step_(
+                state[0], [g.to(cuda) for g in grads], *state[1:], **(HYPER | {"lr": lr})
+            )
+            reference.adam_master_step_(truth[0], grads, *truth[1:], **HYPER)
+        for a, t in zip(state[0], truth[0], strict=True):
+            assert float((a.double().cpu() - t).abs().max()) <= 2e-6 * float(t.abs().max()) + 1e-7
+        for a, c in zip(state[0], state[3], strict=True):
+            assert torch.equal(c, a.to(dtype))
+    eager = [[t.to(cuda) for t in column] for column in adam_inputs(5, torch.bfloat16, True)]
+    graphed = [[t.clone() for t in column] for column in eager]
+    grads = [g.to(cuda) for g in gradients(7, torch.bfloat16)]
+    lr = torch.tensor(2e-3, device=cuda)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+        scratch = [[t.clone() for t in column] for column in graphed]
+        kernels.adam_master_step_(scratch[0], grads, *scratch[1:], **(HYPER | {"lr": lr}))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.adam_master_step_(graphed[0], grads, *graphed[1:], **(HYPER | {"lr": lr}))
+    for step in range(3):
+        lr.fill_(1e-3 * (step + 1))
+        graph.replay()
+        kernels.adam_master_step_(eager[0], grads, *eager[1:], **(HYPER | {"lr": lr}))
+    torch.cuda.synchronize()
+    for column in (0, 2, 3, 4, 5):  # the capture itself ran no kernel: both took three steps
+        for a, b in zip(graphed[column], eager[column], strict=True):
+            assert torch.equal(a, b)

@@ -463,7 +463,20 @@ def opcheck_samples(device):
         ("conv_bias_act", (rq(conv_x), rq(conv_w), rq(conv_bias), *conv_args, 0.2)),
         ("conv_bias_act", (conv_x, conv_w, None, *conv_args, 1.0)),
         *conv_backward_samples(device),
+        ("adam_master_step_", adam_master_sample(device)),
     ]
+
+
+def adam_master_sample(device):
+    """Two weights (one channels_last) with bf16 gradients and copies, their moments and step counts."""
+    params = [torch.randn(4, 3, 2, 2, device=device).to(memory_format=torch.channels_last),
+              torch.randn(5, device=device)]  # fmt: skip
+    grads = [torch.randn(p.shape, device=device).to(torch.bfloat16) for p in params]
+    moments = [[torch.rand_like(p) for p in params] for _ in range(2)]
+    copies = [torch.empty_like(p, dtype=torch.bfloat16) for p in params]
+    steps = [torch.full((), 2.0, device=device) for _ in params]
+    lr = torch.tensor(1e-3, device=device)
+    return (params, grads, *moments, copies, steps, lr, 0.5, 0.999, 0.01, 1e-8)
 
 
 CONV_LAYOUTS = [
@@ -502,7 +515,7 @@ def conv_backward_samples(device):
 OPCHECK_OPS = [
     "bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_apply", "bias_act_forward",
     "bias_act_backward", "gan_loss", "l1_loss", "conv_bn_act", "conv_bn_act_backward", "conv_bias_act",
-    "conv_bias_act_backward",
+    "conv_bias_act_backward", "adam_master_step_",
 ]  # fmt: skip
 
 

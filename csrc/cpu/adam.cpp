@@ -15,8 +15,6 @@
 namespace fastpix2pix::cpu {
 namespace {
 
-constexpr const char* kOp = "adam_master_step_";
-
 struct AdamHyper {
   float lr_over_bias1;   // lr / (1 - beta1^step)
   float bias2_sqrt;      // sqrt(1 - beta2^step)
@@ -69,46 +67,17 @@ void adam_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
   });
 }
 
-void check_entry(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                 const at::Tensor& exp_avg_sq, const at::Tensor& copy, const at::Tensor& step, size_t i) {
-  TORCH_CHECK(param.scalar_type() == at::kFloat, kOp, ": params[", i, "] must be float32, got ",
-              param.scalar_type());
-  TORCH_CHECK(param.is_non_overlapping_and_dense(), kOp, ": params[", i, "] must be dense");
-  TORCH_CHECK(exp_avg.scalar_type() == at::kFloat && exp_avg_sq.scalar_type() == at::kFloat, kOp,
-              ": the moments of params[", i, "] must be float32");
-  TORCH_CHECK(grad.scalar_type() == copy.scalar_type(), kOp, ": grads[", i, "] (", grad.scalar_type(),
-              ") and copies[", i, "] (", copy.scalar_type(), ") must have one dtype");
-  const auto dtype = copy.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat, kOp, ": copies[", i,
-              "] must be bfloat16, float16 or float32, got ", dtype);
-  for (const at::Tensor* t : {&exp_avg, &exp_avg_sq, &copy}) {
-    check_same_shape(param, *t, kOp, "a moment or copy");
-    TORCH_CHECK(t->strides() == param.strides(), kOp, ": the moments and copy of params[", i,
-                "] must have its strides");
-  }
-  check_same_shape(param, grad, kOp, "grad");
-  TORCH_CHECK(step.numel() == 1 && step.is_cpu(), kOp, ": steps[", i, "] must be a one-element CPU tensor");
-}
-
 void adam_master_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList copies, at::TensorList steps, double lr,
-                       double beta1, double beta2, double weight_decay, double eps) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && copies.size() == n &&
-                  steps.size() == n,
-              kOp, ": params, grads, exp_avgs, exp_avg_sqs, copies and steps must have one length");
-  for (size_t i = 0; i < n; ++i) {
-    check_entry(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], copies[i], steps[i], i);
-  }
-  for (size_t i = 0; i < n; ++i) {
+                       at::TensorList exp_avg_sqs, at::TensorList copies, at::TensorList steps,
+                       const at::Tensor& lr, double beta1, double beta2, double weight_decay, double eps) {
+  check_adam_master_args(params, grads, exp_avgs, exp_avg_sqs, copies, steps, lr, c10::Device(c10::kCPU));
+  const double rate = lr.item<double>();
+  for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
-    // A gradient in another layout (a conv backward may return one) is laid out as the weight first.
-    const at::Tensor grad = grads[i].strides() == param.strides()
-                                ? grads[i]
-                                : at::empty_like(param, grads[i].options()).copy_(grads[i]);
+    const at::Tensor grad = in_layout_of(grads[i], param);
     at::Tensor step = steps[i];
     step.add_(1);
-    const AdamHyper h = hyper_for_step(step.item<double>(), lr, beta1, beta2, weight_decay, eps);
+    const AdamHyper h = hyper_for_step(step.item<double>(), rate, beta1, beta2, weight_decay, eps);
     switch (copies[i].scalar_type()) {
       case at::kBFloat16:
         adam_one<c10::BFloat16>(param, grad, exp_avgs[i], exp_avg_sqs[i], copies[i], h);

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from fastpix2pix.ops import kernels, reference
-from fastpix2pix.ops.selfcheck import fused_kernels_usable
+from fastpix2pix.ops.selfcheck import adam_kernel_usable, fused_kernels_usable
 
 __all__ = [
+    "adam_kernel_runs",
     "adam_master_step_",
     "conv_bias_act",
     "conv_bn_act",
@@ -53,11 +54,15 @@ l1_loss = _self_checked(reference.l1_loss)(kernels.l1_loss)
 update_running_stats = kernels.update_running_stats
 
 
-def adam_master_step_(params: Sequence[torch.Tensor], *args: Sequence[torch.Tensor], **hyper: float) -> None:
-    """The CPU kernel where the kernel check passed on the CPU; the reference elsewhere (it has no CUDA
-    kernel yet: on CUDA the reference's per-tensor ops run)."""
-    device = params[0].device if params else torch.device("cpu")
-    if device.type == "cpu" and _usable(device):
+def adam_kernel_runs(device: torch.device) -> bool:
+    """Whether :func:`adam_master_step_` runs its kernel on ``device``: the device's kernel check and the
+    optimizer kernel's own (:func:`fastpix2pix.ops.selfcheck.adam_kernel_usable`) passed."""
+    return _usable(device) and adam_kernel_usable(device)
+
+
+def adam_master_step_(params: Sequence[torch.Tensor], *args: Sequence[torch.Tensor], **hyper: Any) -> None:
+    """The kernel where :func:`adam_kernel_runs`; the reference elsewhere."""
+    if adam_kernel_runs(params[0].device if params else torch.device("cpu")):
         kernels.adam_master_step_(params, *args, **hyper)
     else:
         reference.adam_master_step_(params, *args, **hyper)

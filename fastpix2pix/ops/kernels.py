@@ -112,14 +112,15 @@ def adam_master_step_(
     copies: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
     *,
-    lr: float,
+    lr: torch.Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
     eps: float,
 ) -> None:
-    """Adam on float32 master weights from low-precision gradients, writing the low-precision copies
-    (CPU): :func:`fastpix2pix.ops.reference.adam_master_step_`."""
+    """Adam on float32 master weights from low-precision gradients, writing the low-precision copies (CPU
+    and CUDA; ``lr`` a one-element float32 tensor on the params' device):
+    :func:`fastpix2pix.ops.reference.adam_master_step_`."""
     _lib.adam_master_step_(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(copies), list(steps),
         lr, beta1, beta2, weight_decay, eps,

@@ -114,7 +114,7 @@ def adam_master_step_(
     copies: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
     *,
-    lr: float,
+    lr: torch.Tensor | float,
     beta1: float,
     beta2: float,
     weight_decay: float,
@@ -123,7 +123,7 @@ def adam_master_step_(
     """``torch.optim.Adam``'s step (amsgrad off, not maximizing) on float32 master weights ``params`` from
     gradients in a lower precision, in place; then each copy becomes its weight rounded to the copies'
     dtype (the weight the next forward computes with). ``steps`` are the per-weight step counts (float32
-    one-element tensors, as Adam keeps them), incremented first."""
+    one-element tensors, as Adam keeps them), incremented first; ``lr`` a number or a one-element tensor."""
     with torch.no_grad():
         for param, grad, exp_avg, exp_avg_sq, copy, step in zip(
             params, grads, exp_avgs, exp_avg_sqs, copies, steps, strict=True

@@ -35,6 +35,7 @@ __all__ = [
     "DeviceLostError",
     "KernelCheckWarning",
     "OpCheck",
+    "adam_kernel_usable",
     "device_error",
     "fused_kernels_usable",
     "reset_kernel_checks",
@@ -113,6 +114,7 @@ _checking = False  # the check itself calls the fused ops: they must not recurse
 def reset_kernel_checks() -> None:
     """Forget every device's verdict (tests; a process that rebuilt its kernels)."""
     _verdicts.clear()
+    _adam_verdicts.clear()
 
 
 def _device_key(device: torch.device) -> str:
@@ -170,6 +172,90 @@ def verify_kernels(device: torch.device | str) -> list[OpCheck]:
             stacklevel=3,
         )
     return checks
+
+
+# --- the optimizer kernel's check -----------------------------------------------------------------------
+
+_adam_verdicts: dict[str, bool] = {}
+ADAM_TOLERANCE = 1e-3  # of the update's size; float32 rounding of a weight near 1 is ~3e-5 of a 2e-3 step
+
+
+def adam_kernel_usable(device: torch.device) -> bool:
+    """Whether ``adam_master_step_``'s kernel may run on ``device``: the first call there compares one
+    update of a few weights (channels_last, odd sizes, bf16 copies, a step count past 1) with the reference
+    op in float64 on the CPU. On a disagreement or an error it warns once and the reference runs there. Not
+    checked while capturing or compiling (taken as usable; the fast trainer checks before it captures)."""
+    key = _device_key(device)
+    verdict = _adam_verdicts.get(key)
+    if verdict is not None:
+        return verdict
+    if not self_check_enabled() or _cannot_check_now(device):
+        return True
+    problem = _adam_problem(device)
+    _adam_verdicts[key] = problem is None
+    if problem is not None:
+        warnings.warn(
+            f"fastpix2pix: the optimizer kernel (adam_master_step_) disagrees with the reference on {key} "
+            f"({problem}): using the reference update on {key} for this process. Please report this with "
+            "the output of `fastpix2pix info --check`.",
+            KernelCheckWarning,
+            stacklevel=3,
+        )
+    return problem is None
+
+
+def _adam_inputs(generator: torch.Generator) -> list[list[torch.Tensor]]:
+    shapes = [(8, 3, 4, 4), (70_001,), (5, 3)]
+    params = [torch.randn(s, generator=generator) for s in shapes]
+    params[0] = params[0].contiguous(memory_format=torch.channels_last)
+    exp_avgs = [0.1 * torch.randn(p.shape, generator=generator).to(memory_format=torch.preserve_format)
+                for p in params]  # fmt: skip
+    exp_avg_sqs = [0.01 * torch.rand(p.shape, generator=generator) for p in params]
+    exp_avgs[0] = exp_avgs[0].contiguous(memory_format=torch.channels_last)
+    exp_avg_sqs[0] = exp_avg_sqs[0].contiguous(memory_format=torch.channels_last)
+    grads = [torch.randn(s, generator=generator).to(BF16) for s in shapes]
+    copies = [torch.empty_like(p, dtype=BF16) for p in params]
+    steps = [torch.full((), 3.0) for _ in params]
+    return [params, grads, exp_avgs, exp_avg_sqs, copies, steps]
+
+
+def _adam_problem(device: torch.device) -> str | None:
+    """What is wrong with the optimizer kernel on ``device``, or None."""
+    from fastpix2pix.ops import kernels  # needs the compiled library: the reference works without it
+
+    hyper = {"beta1": 0.5, "beta2": 0.999, "weight_decay": 0.0, "eps": 1e-8}
+    inputs = _adam_inputs(torch.Generator().manual_seed(0))
+    start = [p.clone() for p in inputs[0]]
+    on_device = [[t.to(device) for t in column] for column in inputs]
+    exact = [[t.double() if t.is_floating_point() and t.dtype != BF16 else t.clone() for t in column]
+             for column in inputs]  # fmt: skip
+    exact[4] = [p.clone() for p in exact[0]]  # float64 copies
+    try:
+        kernels.adam_master_step_(*on_device, lr=torch.full((), 2e-3, device=device), **hyper)
+        got = [[t.cpu() for t in column] for column in on_device]
+    except Exception as error:
+        lost = device_error(device)
+        if lost is not None:
+            raise DeviceLostError(
+                f"the optimizer kernel check broke {_device_key(device)} ({str(error).splitlines()[0]}; then "
+                f"{lost}): nothing can run there in this process"
+            ) from error
+        return f"raised {str(error).splitlines()[0]}"[:300]
+    reference.adam_master_step_(*exact, lr=2e-3, **hyper)
+    for name, column in (("weight", 0), ("exp_avg", 2), ("exp_avg_sq", 3)):
+        for k, (ours, truth) in enumerate(zip(got[column], exact[column], strict=True)):
+            scale = (
+                float((truth - start[k].double()).abs().max()) if column == 0 else float(truth.abs().max())
+            )
+            error = float((ours.double() - truth).abs().max()) / max(scale, 1e-30)
+            if not error <= ADAM_TOLERANCE:
+                return f"{name} {k} off by {error:.2e} of its scale"
+    for k, (copy, weight) in enumerate(zip(got[4], got[0], strict=True)):
+        if not torch.equal(copy, weight.to(BF16)):
+            return f"copy {k} is not its weight rounded to bf16"
+    if any(float(step) != 4.0 for step in got[5]):
+        return "a step count did not advance by 1"
+    return None
 
 
 @contextlib.contextmanager

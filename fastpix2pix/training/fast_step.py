@@ -105,9 +105,9 @@ class FastPathConfig:
             "fused_adam": True,  # CPU too: several times faster than foreach there
             "cuda_graph": cuda,
             "device_data": True,
-            # bf16 conv weights kept by the optimizer (fastpix2pix.training.master_weights): its fused
-            # kernel is CPU-only so far; CUDA casts under autocast as before.
-            "weight_copies": bf16 and not cuda,
+            # bf16 conv weights kept by the optimizer (fastpix2pix.training.master_weights); on a GPU only
+            # where its kernel passes the start-up check (else the blocks cast, as without copies).
+            "weight_copies": bf16,
         }
         return cls(**(defaults | changes))
 

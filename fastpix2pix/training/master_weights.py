@@ -47,8 +47,12 @@ class MasterWeightAdam(torch.optim.Adam):
     def attach(self, net: nn.Module, dtype: torch.dtype) -> int:
         """Give each BatchNorm or norm-free :class:`ConvBlock` of ``net`` whose weight this optimizer trains
         a ``dtype`` copy of its weight to compute with (rewritten from the current weights, so call it
-        again after loading weights). Returns the number of copies."""
+        again after loading weights). Returns the number of copies: none on a GPU where the update's kernel
+        failed its start-up check (the blocks then cast their weights, as without copies)."""
         own = {p for group in self.param_groups for p in group["params"]}
+        device = next(iter(own)).device if own else torch.device("cpu")
+        if device.type == "cuda" and not self._kernel_runs(device):
+            return 0  # the reference's per-weight ops would launch more kernels than the casts they save
         for block in net.modules():
             if not isinstance(block, ConvBlock) or block.norm_kind == "instance":
                 continue  # an InstanceNorm block computes through nn.Conv2d, which autocast casts itself
@@ -63,6 +67,11 @@ class MasterWeightAdam(torch.optim.Adam):
                 copy.copy_(weight)
             block.compute_weight = copy
         return len(self.copies)
+
+    def _kernel_runs(self, device: torch.device) -> bool:
+        """The fused backend's kernel runs on ``device`` (its start-up checks passed)."""
+        runs = getattr(self._ops, "adam_kernel_runs", None)  # the reference backend has no kernel
+        return runs is not None and runs(device)
 
     def detach_copies(self, net: nn.Module) -> None:
         """Undo :meth:`attach` for ``net``: its blocks cast their weights again."""
@@ -115,6 +124,15 @@ class MasterWeightAdam(torch.optim.Adam):
         )
         beta1, beta2 = group["betas"]
         self._ops.adam_master_step_(
-            params, grads, exp_avgs, exp_avg_sqs, copies, steps, lr=float(group["lr"]), beta1=float(beta1),
-            beta2=float(beta2), weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+            params, grads, exp_avgs, exp_avg_sqs, copies, steps, lr=_lr_tensor(group["lr"], params[0].device),
+            beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
         )  # fmt: skip
+
+
+def _lr_tensor(lr: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The learning rate as the op takes it: a float32 tensor on the weights' device (the fast path's
+    device lr already is one, which a CUDA graph reads at each replay)."""
+    if isinstance(lr, torch.Tensor):
+        return lr.to(device, torch.float32)
+    return torch.tensor(float(lr), dtype=torch.float32, device=device)

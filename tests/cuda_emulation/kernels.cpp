@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include "cuda/adam.cu"
 #include "cuda/bias_act.cu"
 #include "cuda/bn_act.cu"
 #include "cuda/losses.cu"
@@ -42,6 +43,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return gpu::gan_loss(logits, target_is_real, mode, compute_grad);
         });
   m.def("l1_loss", &gpu::l1_loss);
+  m.def("adam_master_step_",
+        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+           const std::vector<at::Tensor>& copies, const std::vector<at::Tensor>& steps, const at::Tensor& lr,
+           double beta1, double beta2, double weight_decay, double eps) {
+          gpu::adam_master_step_(params, grads, exp_avgs, exp_avg_sqs, copies, steps, lr, beta1, beta2,
+                                 weight_decay, eps);
+        });
   m.def("set_sm_count", [](int64_t count) { fastpix2pix::emulation::sm_count = count; });
   m.def("launches", [] { return fastpix2pix::emulation::launches; });
   m.def("block_threads", [] { return gpu::kBlockThreads; });
