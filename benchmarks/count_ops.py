@@ -147,10 +147,10 @@ def build_step(args: argparse.Namespace) -> FastStep:
     device = torch.device("cpu")
     opt = TrainOptions(netG=args.netG, ngf=64, ndf=64, lr=2e-4, batch_size=args.batch, device="cpu")
     backend = "fused" if extension_available() else "reference"
-    # The CUDA iteration's settings, less the graph; the optimizer's bf16 weight copies as --weight-copies
-    # says (the CUDA default has none yet: their kernel is CPU-only).
+    # The CUDA iteration's settings, less the graph: with the optimizer's bf16 weight copies unless
+    # --cast-weights (each weight cast in each pass, as before the copies).
     config = FastPathConfig.for_device(
-        device, bf16=True, channels_last=True, cuda_graph=False, weight_copies=args.weight_copies
+        device, bf16=True, channels_last=True, cuda_graph=False, weight_copies=not args.cast_weights
     )
     torch.manual_seed(0)
     nets = build_networks(opt, backend, device)
@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--weight-copies",
+        "--cast-weights",
         action="store_true",
-        help="bf16 weight copies kept by the optimizer (MasterWeightAdam)",
+        help="cast each weight in each pass instead of the optimizer's bf16 weight copies (MasterWeightAdam)",
     )
     parser.add_argument("--label", default="", help="what this count is of (e.g. before / after a change)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "netD": "basic",
             "size": args.size,
             "batch": args.batch,
-            "weight_copies": args.weight_copies,
+            "weight_copies": not args.cast_weights,
         },
         "environment": environment(torch.device("cpu"), args) | {"cpu": cpu_info()},
         **count(args),
