@@ -6,8 +6,8 @@ the generator's weights per iteration and more over the discriminator's (it runs
 on top of Adam's own. Here each :class:`~fastpix2pix.models.layers.ConvBlock` computes with a bfloat16
 copy of its weight (``compute_weight``) that receives the gradient in bfloat16, and
 :class:`MasterWeightAdam` updates the float32 master weight and Adam's float32 moments from that gradient
-and rewrites the copy, in one pass per weight (:func:`fastpix2pix.ops.reference.adam_master_step_`; a
-fused CPU kernel).
+and rewrites the copy, in one pass per weight (:func:`fastpix2pix.ops.reference.adam_master_step_`; fused
+CPU and CUDA kernels).
 
 What is saved does not change: the networks' state dicts hold the float32 masters, and the optimizer's
 state dict is ``torch.optim.Adam``'s (step, exp_avg, exp_avg_sq per parameter), so a checkpoint resumes in
@@ -32,8 +32,8 @@ class MasterWeightAdam(torch.optim.Adam):
     low-precision copies: see the module docstring. Parameters without a copy (BatchNorm's affine, conv
     biases, weights of blocks that do not take copies) step as in ``torch.optim.Adam``.
 
-    ``backend``: the ops that do the update (``fused``: the CPU kernel where it passed its check, else the
-    reference; ``reference``: plain PyTorch).
+    ``backend``: the ops that do the update (``fused``: the CPU or CUDA kernel where it passed its start-up
+    check, else the reference; ``reference``: plain PyTorch, and no copies on a GPU).
     """
 
     def __init__(self, params: Iterable[nn.Parameter], *, backend: str | None = None, **adam: object) -> None:
