@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +149,7 @@ def run_phase(args: argparse.Namespace) -> int:
         print(f"{name}: {report.data.get('metrics')}", flush=True)
         return 0
     except Exception as error:  # fail soft: the JSON says why
-        report.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000])
-        report.update(traceback=traceback.format_exc()[-3000:])
-        print(traceback.format_exc(), file=sys.stderr)
+        report.fail(error)
         return 1
 
 

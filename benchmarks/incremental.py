@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,13 @@ class IncrementalJson:
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
         self.write()
+
+    def fail(self, error: BaseException, limit: int = 2000) -> None:
+        """Record a failed run: its status, the error (at most ``limit`` characters) and the traceback's
+        end; the traceback also goes to stderr (a benchmark that fails soft still says why)."""
+        self.update(status="failed", error=f"{type(error).__name__}: {error}"[:limit])
+        self.update(traceback=traceback.format_exc()[-3000:])
+        print(traceback.format_exc(), file=sys.stderr)
 
     def append(self, name: str, item: Any, *, throttle: bool = False) -> None:
         """Append ``item`` to the list ``name`` (created if missing)."""

@@ -27,7 +27,6 @@ import shutil
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +141,7 @@ def train_phase(args: argparse.Namespace, phase: str) -> int:
         print(f"{phase}: {done} iterations in {seconds:.0f} s ({rate * 1e3:.2f} ms/iteration)", flush=True)
         return 0
     except Exception as error:  # fail soft: the JSON says why
-        report.update(status="failed", error=f"{type(error).__name__}: {error}"[:1000])
-        report.update(traceback=traceback.format_exc()[-3000:])
-        print(traceback.format_exc(), file=sys.stderr)
+        report.fail(error, limit=1000)
         return 1
 
 
