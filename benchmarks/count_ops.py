@@ -8,9 +8,12 @@ the 70x70 PatchGAN at 256 px, batch 1, run on the CPU. Two counts of the same (t
   ATen calls it makes inside are not seen), classified by kind (zero-fills, casts, running-statistic and
   counter updates, layout copies, concatenations, activations, convolutions and fused blocks, losses,
   the optimizer, other);
+  Of them, the ops that launch work (``top_level_launching_ops``): all but views, allocations, detaches and
+  profiler markers (:data:`NO_WORK`), which cost a GPU nothing, and under a CUDA graph nothing at all;
 - every op call that does work itself: ``torch.profiler`` events of ops with no working op below them
   (allocations, views and no-op conversions excluded), C++ ops' nested ATen calls included: about the
-  kernels a GPU would launch.
+  kernels a GPU would launch. A ``_foreach_`` call counts once (one multi-tensor kernel on CUDA; the CPU
+  loops over its tensors, which are not counted).
 
 Bytes: for each top-level op that is not a convolution or a fused conv block, the bytes of its tensor inputs
 and outputs (an estimate: views count as moved, caching is ignored).
@@ -127,20 +130,38 @@ def _op_name(name: str) -> str:
     return name.split("::")[-1].split(".")[0]
 
 
+def launches_work(name: str) -> bool:
+    """Whether a top-level op (``aten::slice.Tensor``) launches work: not a profiler marker nor in
+    :data:`NO_WORK`."""
+    return not name.startswith("profiler::") and _op_name(name) not in NO_WORK
+
+
+def _in_foreach(event: Any) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if _op_name(parent.name).startswith("_foreach_"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def work_ops(run: Callable[[], None]) -> collections.Counter[str]:
     """The op calls that do work themselves (what launches a kernel on a GPU): torch.profiler's op events
     that are not in :data:`NO_WORK` and have no working op below them (C++ ops' nested calls included)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         run()
     ops = [e for e in profile.events() if e.name.startswith(("aten::", "fastpix2pix::"))]
-    working = [e for e in ops if _op_name(e.name) not in NO_WORK]
+    # A foreach call is one working op: what the CPU runs below it for each tensor is left out.
+    working = [e for e in ops if _op_name(e.name) not in NO_WORK and not _in_foreach(e)]
     with_work_below: set[int] = set()
     for event in working:  # mark every op above a working op (autograd-engine events are not ops)
         parent = event.cpu_parent
         while parent is not None:
             with_work_below.add(id(parent))
             parent = parent.cpu_parent
-    return collections.Counter(e.name for e in working if id(e) not in with_work_below)
+    return collections.Counter(
+        e.name for e in working if id(e) not in with_work_below or _op_name(e.name).startswith("_foreach_")
+    )
 
 
 def build_step(args: argparse.Namespace) -> FastStep:
@@ -178,6 +199,7 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
     leaves = work_ops(step)
     return {
         "top_level_ops": sum(top.kinds.values()),
+        "top_level_launching_ops": sum(n for name, n in top.names.items() if launches_work(name)),
         "top_level_by_kind": dict(top.kinds.most_common()),
         "top_level_by_name": dict(top.names.most_common()),
         "working_op_calls": sum(leaves.values()),
@@ -219,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     moved = result["bytes_outside_convolutions"] / 2**20
     working = result["working_op_calls"]
     print(
-        f"top-level ops: {result['top_level_ops']}; working op calls (about the kernels): {working}; ", end=""
+        f"top-level ops: {result['top_level_ops']} ({result['top_level_launching_ops']} launch work); "
+        f"working op calls (about the kernels): {working}; ",
+        end="",
     )
     print(f"bytes outside the convolutions: {moved:.1f} MiB")
     for kind, n in result["top_level_by_kind"].items():

@@ -20,6 +20,7 @@ from torch import nn
 
 from fastpix2pix.ops.backend import default_backend, get_backend
 from fastpix2pix.ops.reference import activation, convolution
+from fastpix2pix.ops.running_stats import count_batch
 from fastpix2pix.ops.sync_bn import SyncBatchNorm2d, reference_sync_batch_norm, sync_bn_act, sync_group
 
 NORMS = ("batch", "syncbatch", "instance", "none")
@@ -233,9 +234,11 @@ def _step_momentum(bn: nn.modules.batchnorm._BatchNorm, training: bool) -> float
     """What ``nn.BatchNorm2d`` does around ``F.batch_norm``: count batches, pick the momentum."""
     momentum = bn.momentum
     if training:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d: the count is read now
+            bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked)
+        else:
+            count_batch(bn.num_batches_tracked)  # deferred in a fast-path iteration (ops.running_stats)
     return 0.0 if momentum is None else momentum
 
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import torch
 
 from fastpix2pix.ops import kernels, reference
+from fastpix2pix.ops.running_stats import update_running_stats
 from fastpix2pix.ops.selfcheck import adam_kernel_usable, fused_kernels_usable
 
 __all__ = [
@@ -51,7 +52,6 @@ conv_bn_act = _self_checked(reference.conv_bn_act)(kernels.conv_bn_act)
 conv_bias_act = _self_checked(reference.conv_bias_act)(kernels.conv_bias_act)
 gan_loss = _self_checked(reference.gan_loss)(kernels.gan_loss)
 l1_loss = _self_checked(reference.l1_loss)(kernels.l1_loss)
-update_running_stats = kernels.update_running_stats
 
 
 def adam_kernel_runs(device: torch.device) -> bool:

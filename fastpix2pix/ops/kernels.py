@@ -13,6 +13,7 @@ import torch
 
 from fastpix2pix._extension import REBUILD_HINT, extension_available
 from fastpix2pix.ops.reference import GAN_MODES
+from fastpix2pix.ops.running_stats import update_running_stats
 
 __all__ = [
     "adam_master_step_",
@@ -20,7 +21,6 @@ __all__ = [
     "conv_bn_act",
     "gan_loss",
     "l1_loss",
-    "update_running_stats",
 ]
 
 if not extension_available():
@@ -125,30 +125,6 @@ def adam_master_step_(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(copies), list(steps),
         lr, beta1, beta2, weight_decay, eps,
     )  # fmt: skip
-
-
-def update_running_stats(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    batch_mean: torch.Tensor,
-    batch_var: torch.Tensor,
-    count: int,
-    momentum: float,
-) -> None:
-    """The running-statistics update of ``nn.BatchNorm2d`` (unbiased variance), in place.
-
-    It is kept out of the ops so that no op autograd sees mutates its inputs.
-    """
-    if count <= 1:
-        raise ValueError(f"update_running_stats: need more than 1 value per channel, got {count}")
-    with torch.no_grad():
-        unbiased_var = batch_var * (count / (count - 1))
-        # Both in one foreach call (one kernel on CUDA, not two); the same lerp as Tensor.lerp_.
-        torch._foreach_lerp_(
-            [running_mean, running_var],
-            [batch_mean.to(running_mean.dtype), unbiased_var.to(running_var.dtype)],
-            momentum,
-        )
 
 
 def _check_values_per_channel(

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from fastpix2pix.ops import reference
+from fastpix2pix.ops.running_stats import immediate_running_stats
 
 __all__ = [
     "KERNEL_TOLERANCE",
@@ -260,8 +261,10 @@ def _adam_problem(device: torch.device) -> str | None:
 
 @contextlib.contextmanager
 def _float32_conditions(device: torch.device) -> Iterator[None]:
-    """Plain float32 arithmetic on both sides: no autocast, no TF32, the caller's RNG untouched."""
+    """Plain float32 arithmetic on both sides: no autocast, no TF32, the caller's RNG untouched; running
+    statistics updated at once (a case compares them right after the op)."""
     with contextlib.ExitStack() as stack:
+        stack.enter_context(immediate_running_stats())
         stack.enter_context(torch.autocast(device.type, enabled=False))
         stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
         stack.enter_context(torch.enable_grad())

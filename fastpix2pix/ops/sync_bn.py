@@ -43,6 +43,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from fastpix2pix.ops.running_stats import update_running_stats
+
 __all__ = ["SyncBatchNorm2d", "combine_batch_stats", "reference_sync_batch_norm", "sync_bn_act", "sync_group"]
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup when torch is built with distributed support
@@ -110,8 +112,6 @@ def sync_bn_act(
     if training:
         mean, var, count = _batch_stats(lib, y, group)
         if running_mean is not None and running_var is not None:
-            from fastpix2pix.ops.kernels import update_running_stats
-
             update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
         mean, var, count = _eval_stats(y, running_mean, running_var)
