@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -170,19 +171,60 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ServeHTTPServer(ThreadingHTTPServer):
-    """A thread per connection; the model behind :class:`Translator`'s lock."""
+    """A thread per connection; the model behind :class:`Translator`'s lock.
 
-    daemon_threads = True  # a client holding a keep-alive connection open does not block shutdown
+    :meth:`server_close` ends the connections too: it closes their read side (an idle keep-alive
+    connection ends at once, a request being answered still gets its answer) and waits for their threads.
+    Why: a connection thread can hold the last reference to the app, and with it the model. A daemon thread
+    still freeing the model's tensors when the interpreter shuts down is stopped by a forced unwind through
+    PyTorch's C++ frames, which aborts the process ("terminate called without an active exception", exit
+    status -6, seen after Ctrl+C on a loaded machine).
+    """
+
+    daemon_threads = True  # a connection that outlives close_timeout_s does not block the exit
     # The listen backlog: connections the kernel holds until the server accepts them. The standard
     # library's 5 resets clients of a burst (2 of 96 requests from 32 threads on loopback); every client
     # must get an answer, a 503 when --max_waiting requests already wait for the model.
     request_queue_size = 1024
+    close_timeout_s = 30.0  # what server_close waits for the requests being answered
 
     def __init__(self, address: tuple[str, int], app: ServeApp) -> None:
         self.app = app
+        self._connections: dict[threading.Thread, socket.socket] = {}
+        self._connections_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A daemon thread per connection, known to :meth:`server_close` before it starts."""
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), daemon=True
+        )
+        with self._connections_lock:
+            self._connections[thread] = request
+        thread.start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.pop(threading.current_thread(), None)
+
+    def server_close(self) -> None:
+        """Stop listening, end the open connections and wait (up to ``close_timeout_s``) for their threads."""
+        super().server_close()
+        with self._connections_lock:
+            connections = list(self._connections.items())
+        for _, connection in connections:
+            # Wakes a thread waiting for the next request on this connection: it reads end-of-file. OSError:
+            # the connection is closed already.
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RD)
+        deadline = time.monotonic() + self.close_timeout_s
+        for thread, _ in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def url(self) -> str:
