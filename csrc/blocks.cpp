@@ -132,16 +132,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_act_backward(
   constexpr const char* op = "fastpix2pix::conv_bn_act_backward";
   check_conv_args(x, weight, stride, padding, output_padding, op);
   const bool need_grad_y = output_mask[0] || output_mask[1];
+  // A gradient in another memory order than conv_out (a U-Net decoder level's: a channel slice of the skip
+  // concatenation's gradient) is copied once here, not once in each of the two passes below. A gradient the
+  // passes would refuse (shape, dtype) goes to them as it is, for their error.
+  const Tensor grad = grad_out.defined() && grad_out.sizes() == conv_out.sizes() &&
+                              grad_out.scalar_type() == conv_out.scalar_type() &&
+                              grad_out.device() == conv_out.device()
+                          ? in_memory_order_of(grad_out, conv_out)
+                          : grad_out;
   // The sums are needed for the affine grads, and in training for grad_y too.
   Tensor sum_dz, sum_dz_xhat;
   if (output_mask[2] || output_mask[3] || (need_grad_y && training)) {
     std::tie(sum_dz, sum_dz_xhat) =
-        bn_act_backward_reduce(grad_out, conv_out, mean, var, bn_weight, bn_bias, eps, slope);
+        bn_act_backward_reduce(grad, conv_out, mean, var, bn_weight, bn_bias, eps, slope);
   }
   Tensor grad_x, grad_weight;
   if (need_grad_y) {
     const int64_t count = conv_out.numel() / conv_out.size(1);
-    Tensor grad_y = bn_act_backward_apply(grad_out, conv_out, mean, var, bn_weight, bn_bias, sum_dz, sum_dz_xhat,
+    Tensor grad_y = bn_act_backward_apply(grad, conv_out, mean, var, bn_weight, bn_bias, sum_dz, sum_dz_xhat,
                                           count, eps, slope, training);
     std::tie(grad_x, grad_weight) = convolve_backward(grad_y, x, weight, stride, padding, output_padding,
                                                       transposed, output_mask[0], output_mask[1]);

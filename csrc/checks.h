@@ -196,4 +196,33 @@ inline at::Tensor in_layout_of(const at::Tensor& grad, const at::Tensor& param) 
   return grad.strides() == param.strides() ? grad : at::empty_like(param, grad.options()).copy_(grad);
 }
 
+// relu_cat's inputs: 4-D floating tensors of one dtype and device, with the same N, H and W.
+inline void check_relu_cat_args(const at::Tensor& skip, const at::Tensor& x, const char* op) {
+  check_4d(skip, op, "skip");
+  check_4d(x, op, "x");
+  check_floating(x, op, "x");
+  check_same_device(x, skip, op, "skip");
+  check_same_dtype(x, skip, op, "skip");
+  TORCH_CHECK(skip.size(0) == x.size(0) && skip.size(2) == x.size(2) && skip.size(3) == x.size(3), op,
+              ": skip ", skip.sizes(), " and x ", x.sizes(), " must have the same batch size, height and width");
+}
+
+// relu_cat_backward's inputs: grad_out covers skip's channels and at least as many more.
+inline void check_relu_cat_backward_args(const at::Tensor& grad_out, const at::Tensor& skip, const char* op) {
+  check_4d(grad_out, op, "grad_out");
+  check_4d(skip, op, "skip");
+  check_floating(grad_out, op, "grad_out");
+  check_same_device(grad_out, skip, op, "skip");
+  check_same_dtype(grad_out, skip, op, "skip");
+  TORCH_CHECK(skip.size(0) == grad_out.size(0) && skip.size(2) == grad_out.size(2) &&
+                  skip.size(3) == grad_out.size(3) && skip.size(1) <= grad_out.size(1),
+              op, ": grad_out ", grad_out.sizes(), " does not hold skip ", skip.sizes(),
+              " in its first channels");
+}
+
+// The [N, C, H, W] output of an op laid out in `layout`.
+inline at::Tensor empty_in_layout(at::IntArrayRef sizes, const at::TensorOptions& options, Layout layout) {
+  return at::empty(sizes, options.memory_format(memory_format_of(layout)));
+}
+
 }  // namespace fastpix2pix

@@ -44,6 +44,13 @@ TORCH_LIBRARY(fastpix2pix, m) {
       "bias_act_backward(Tensor grad_out, Tensor out, float negative_slope, bool need_bias_grad) "
       "-> (Tensor grad_x, Tensor grad_bias)");
 
+  // --- the U-Net skip connection (cpu/concat.cpp, cuda/concat.cu) -------------------------------
+  // cat([relu(skip), x], dim=1): skip and x share N, H, W and dtype; the output is laid out as x is
+  // (channels_last if x is, else NCHW). The backward splits grad_out into grad_skip = grad_out[:, :C_skip]
+  // where skip > 0 (else 0) and grad_x = grad_out[:, C_skip:], both dense and laid out as grad_out.
+  m.def("relu_cat(Tensor skip, Tensor x) -> Tensor");
+  m.def("relu_cat_backward(Tensor grad_out, Tensor skip) -> (Tensor grad_skip, Tensor grad_x)");
+
   // --- losses: value and gradient in one pass --------------------------------------------------
   // mean GAN loss of logits against an all-real/all-fake target; mode "vanilla" (BCE with logits)
   // or "lsgan" (MSE). grad is d(loss)/d(logits) (None unless compute_grad).

@@ -297,6 +297,39 @@ def test_bias_act(emu, case, generator):
         assert grad_bias is None
 
 
+RELU_CAT_X_CHANNELS = (8, 3, 16)  # with the skip's C: both parts whole vectors, or not (scalar kernels)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_relu_cat(emu, case, generator):
+    """cat([relu(skip), x]) and its split backward, exactly (relu and copies round nothing); the output laid
+    out as x, the gradients as grad_out; every element written (outputs are NaN-poisoned)."""
+    shape, layout, dtype, sms, variant = case
+    emu.set_sm_count(sms)
+    n, c, h, w = shape
+    skip = make(shape, layout, dtype, generator)
+    x = make((n, RELU_CAT_X_CHANNELS[variant % 3], h, w), layout, dtype, generator)
+    out = emu.relu_cat(skip, x)
+    expected = torch.cat([skip.clamp_min(0), x], 1)
+    assert torch.equal(out, expected)
+    channels_last = (
+        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    )
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    grad_layout = "nchw" if layout == "channels_last" else "channels_last"
+    grad = make(tuple(out.shape), grad_layout, dtype, generator)
+    grad_skip, grad_x = emu.relu_cat_backward(grad, skip)
+    assert torch.equal(grad_skip, torch.where(skip > 0, grad[:, :c], torch.zeros((), dtype=dtype)))
+    assert torch.equal(grad_x, grad[:, c:])
+    grad_format = (
+        torch.channels_last if grad_layout == "channels_last" and h * w > 1 else torch.contiguous_format
+    )
+    assert grad_skip.is_contiguous(memory_format=grad_format) and grad_x.is_contiguous(
+        memory_format=grad_format
+    )
+
+
 LOSS_CASES = [c for c in CASES if c[0] != (16, 4, 32, 32)] + [((16, 1, 30, 30), "nchw", torch.bfloat16, 2, 0)]
 
 

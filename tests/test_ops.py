@@ -410,6 +410,17 @@ def test_gradcheck_conv_bias_act(device, transposed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_relu_cat(device):
+    # Away from relu's kink at 0, where a finite difference would straddle it.
+    skip = torch.randn(2, 3, 4, 5, device=device, dtype=torch.float64)
+    skip = (skip + 0.1 * skip.sign()).requires_grad_()
+    x = torch.randn(2, 2, 4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.relu_cat, (skip, x))
+    cl = [t.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for t in (skip, x)]
+    assert torch.autograd.gradcheck(ops.relu_cat, tuple(cl))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_losses(device):
     logits = torch.randn(2, 1, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
     for mode in ("vanilla", "lsgan"):
@@ -464,6 +475,19 @@ def opcheck_samples(device):
         ("conv_bias_act", (conv_x, conv_w, None, *conv_args, 1.0)),
         *conv_backward_samples(device),
         ("adam_master_step_", adam_master_sample(device)),
+        (
+            "relu_cat",
+            (
+                rq(x_cl),
+                rq(torch.randn(2, 5, 5, 4, device=device).contiguous(memory_format=torch.channels_last)),
+            ),
+        ),
+        ("relu_cat", (rq(x), torch.randn(2, 1, 5, 4, device=device))),
+        (
+            "relu_cat_backward",
+            (torch.randn(2, 8, 5, 4, device=device).contiguous(memory_format=torch.channels_last), x_cl),
+        ),
+        ("relu_cat_backward", (torch.randn(2, 8, 5, 4, device=device), x)),
     ]
 
 
@@ -515,7 +539,7 @@ def conv_backward_samples(device):
 OPCHECK_OPS = [
     "bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_apply", "bias_act_forward",
     "bias_act_backward", "gan_loss", "l1_loss", "conv_bn_act", "conv_bn_act_backward", "conv_bias_act",
-    "conv_bias_act_backward", "adam_master_step_",
+    "conv_bias_act_backward", "adam_master_step_", "relu_cat", "relu_cat_backward",
 ]  # fmt: skip
 
 
@@ -679,6 +703,61 @@ def test_layouts(device, layout, grad_layout):
     assert got["l1"][1].stride() == like
 
 
+def run_relu_cat(impl, skip, x, grad_out):
+    """Output and gradients of one implementation; skip and x as given (their layouts kept), made leaves."""
+    skip, x = (t.detach().requires_grad_() for t in (skip, x))
+    out = impl(skip, x)
+    out.backward(grad_out)
+    return out, skip.grad, x.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "sliced_channels_last"])
+def test_relu_cat_equals_reference_exactly(device, dtype, layout, grad_layout):
+    """relu and a copy round nothing: the output and both gradients equal the reference's bit for bit, in
+    any layout. The output is laid out as x is (channels_last or NCHW), the gradients densely as grad_out
+    (the U-Net's decoder BatchNorm reads its gradient without a copy)."""
+    skip = torch.randn(2, 6, 5, 7, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 10, 5, 7, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(2, 16, 5, 7, device=device, dtype=dtype)
+    expected = run_relu_cat(reference.relu_cat, skip, x, grad_out)
+    skip_l, x_l = with_layout(skip.detach(), layout), with_layout(x.detach(), layout)
+    grad_l = with_layout(grad_out, grad_layout)
+    got = run_relu_cat(ops.relu_cat, skip_l, x_l, grad_l)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    out_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=out_format)
+    # (Read off the op: autograd gives a leaf's .grad the leaf's own strides.)
+    grad_format = torch.channels_last if grad_layout == "channels_last" else torch.contiguous_format
+    grad_skip, grad_x = lib.relu_cat_backward(grad_l, skip_l.detach())
+    assert grad_skip.is_contiguous(memory_format=grad_format) and grad_x.is_contiguous(
+        memory_format=grad_format
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_relu_cat_at_nonfinite_skips_matches_pytorch(device):
+    """NaN stays NaN through relu and passes its gradient (threshold_backward's rule); -inf becomes 0."""
+    skip = torch.tensor([float("nan"), float("-inf"), float("inf"), -0.0, 0.0, -1.0, 2.0, 0.5], device=device)
+    skip = skip.view(1, 8, 1, 1).repeat(2, 1, 3, 3).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 16, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    got = run_relu_cat(ops.relu_cat, skip, x, grad_out)
+    expected = run_relu_cat(reference.relu_cat, skip, x, grad_out)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_relu_cat_of_two_dtypes_promotes_as_cat(device):
+    skip = torch.randn(1, 4, 2, 2, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, 4, 2, 2, device=device)
+    torch.testing.assert_close(ops.relu_cat(skip, x), reference.relu_cat(skip, x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "permuted"])
 def test_conv_bn_act_with_strided_inputs(device, layout):
@@ -834,6 +913,19 @@ def bad_calls(device):
             r"conv_bn_act: weight dtype Double differs",
         ),
         (lambda: ops.conv_bias_act(x, w[0], None), r"conv_bias_act: weight must be 4-D"),
+        (
+            lambda: lib.relu_cat(x, x[:, :, :2]),
+            r"relu_cat: skip \[2, 3, 4, 4\] and x \[2, 3, 2, 4\] must have the same batch size, height and",
+        ),
+        (
+            lambda: lib.relu_cat(x.double(), x),
+            r"relu_cat: skip has dtype Double but the input has dtype Float",
+        ),
+        (lambda: lib.relu_cat(x, x[0]), r"relu_cat: x must be 4-D"),
+        (
+            lambda: lib.relu_cat_backward(x[:, :2], x),
+            r"relu_cat_backward: grad_out \[2, 2, 4, 4\] does not hold skip \[2, 3, 4, 4\] in its first",
+        ),
     ]
 
 

@@ -337,13 +337,15 @@ inline void check_grid_yz(int64_t blocks, const char* what) {
   TORCH_CHECK(blocks <= kMaxGridYZ, "fastpix2pix: too many ", what, " for one CUDA grid (", blocks, ")");
 }
 
-// Runs pass.apply over every vector of a walk (per-channel parameters).
-template <class Pass>
-void launch_map(const Pass& pass, const Walk& walk) {
-  constexpr int kV = Pass::kV;
-  if (walk.numel() == 0) {
-    return;
-  }
+// The grid and block of a map kernel over a walk in kV-wide vectors (one wave of resident blocks):
+// channels_last, x along the vectors of a row and grid.y over tiles of them, y and grid.x along the rows;
+// NCHW, x along the vectors of a plane and grid.y over tiles of them, y and grid.x along the N*C planes.
+struct MapLaunch {
+  dim3 grid;
+  dim3 block;
+};
+
+inline MapLaunch map_launch(const Walk& walk, int kV) {
   const int64_t max_blocks = sm_count() * kMapBlocksPerSm;
   if (walk.layout == Layout::kChannelsLast) {
     const int64_t columns = walk.channels / kV;
@@ -353,18 +355,31 @@ void launch_map(const Pass& pass, const Walk& walk) {
     const int64_t rows = walk.values_per_channel();
     const int64_t row_blocks =
         std::clamp<int64_t>(ceil_div(rows, block.y), 1, std::max<int64_t>(1, max_blocks / tiles));
-    launch_kernel(channels_last_map_kernel<Pass>, grid_of(row_blocks, tiles), block, 0, pass, rows,
-                  walk.channels);
+    return {grid_of(row_blocks, tiles), block};
+  }
+  const int64_t columns = walk.plane / kV;
+  const dim3 block = block_for_columns(columns);
+  const int64_t planes = walk.batch * walk.channels;
+  int64_t plane_blocks = ceil_div(planes, block.y);
+  // Few large planes (small batch): split the planes into column tiles too, to fill the device.
+  const int64_t tiles =
+      std::clamp<int64_t>(std::min(ceil_div(columns, block.x), max_blocks / plane_blocks), 1, kMaxGridYZ);
+  plane_blocks = std::clamp<int64_t>(plane_blocks, 1, std::max<int64_t>(1, max_blocks / tiles));
+  return {grid_of(plane_blocks, tiles), block};
+}
+
+// Runs pass.apply over every vector of a walk (per-channel parameters).
+template <class Pass>
+void launch_map(const Pass& pass, const Walk& walk) {
+  if (walk.numel() == 0) {
+    return;
+  }
+  const MapLaunch launch = map_launch(walk, Pass::kV);
+  if (walk.layout == Layout::kChannelsLast) {
+    launch_kernel(channels_last_map_kernel<Pass>, launch.grid, launch.block, 0, pass,
+                  walk.values_per_channel(), walk.channels);
   } else {
-    const int64_t columns = walk.plane / kV;
-    const dim3 block = block_for_columns(columns);
-    const int64_t planes = walk.batch * walk.channels;
-    int64_t plane_blocks = ceil_div(planes, block.y);
-    // Few large planes (small batch): split the planes into column tiles too, to fill the device.
-    const int64_t tiles =
-        std::clamp<int64_t>(std::min(ceil_div(columns, block.x), max_blocks / plane_blocks), 1, kMaxGridYZ);
-    plane_blocks = std::clamp<int64_t>(plane_blocks, 1, std::max<int64_t>(1, max_blocks / tiles));
-    launch_kernel(planes_map_kernel<Pass>, grid_of(plane_blocks, tiles), block, 0, pass, planes,
+    launch_kernel(planes_map_kernel<Pass>, launch.grid, launch.block, 0, pass, walk.batch * walk.channels,
                   walk.channels, walk.plane);
   }
 }

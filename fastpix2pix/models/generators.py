@@ -15,6 +15,7 @@ rather than the official recursion, with each activation fused into the block be
 from __future__ import annotations
 
 import itertools
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from fastpix2pix.models.layers import (
     check_norm,
     conv_bias_for,
 )
+from fastpix2pix.ops import reference
 
 __all__ = ["ResnetBlock", "ResnetGenerator", "UnetGenerator", "nearest_valid_sizes"]
 
@@ -147,8 +149,14 @@ class UnetGenerator(Network):
             h = block(h)
             if dropout and has_dropout:
                 h = F.dropout(h, DROPOUT_P, training=True)
-            h = torch.cat([F.relu(skips.pop()), h], 1)  # official order: skip first
+            h = _join_ops(block).relu_cat(skips.pop(), h)  # cat([relu(skip), h]): official order, skip first
         return torch.tanh(self.output(h))
+
+
+def _join_ops(block: nn.Module) -> ModuleType:
+    """The ops a U-Net level joins its skip connection with: its block's backend for a :class:`ConvBlock`;
+    the plain-PyTorch ops where a deployed network replaced the blocks (what export and the engines trace)."""
+    return block.ops if isinstance(block, ConvBlock) else reference
 
 
 def _reflect(x: torch.Tensor, pad: int) -> torch.Tensor:

@@ -119,6 +119,13 @@ class ConvBlock(nn.Module):
         self._ops = get_backend(name)
         self._backend_name = name
 
+    @property
+    def ops(self) -> ModuleType:
+        """The ops module of this block's backend (:mod:`fastpix2pix.ops.fused` or ``reference``), for the
+        network around it to compute its joins with (the U-Net skip connections)."""
+        assert self._ops is not None
+        return self._ops
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.norm, _SYNC_BATCH_NORM_TYPES):
             return self._forward_sync_batch_norm(x)

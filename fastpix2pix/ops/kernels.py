@@ -21,6 +21,7 @@ __all__ = [
     "conv_bn_act",
     "gan_loss",
     "l1_loss",
+    "relu_cat",
 ]
 
 if not extension_available():
@@ -88,6 +89,15 @@ def conv_bias_act(
     return _lib.conv_bias_act(
         x, weight, bias, list(stride), list(padding), list(output_padding), transposed, negative_slope
     )
+
+
+def relu_cat(skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``cat([relu(skip), x], 1)`` in one pass: :func:`fastpix2pix.ops.reference.relu_cat`. Inputs of two
+    dtypes are promoted first, as ``torch.cat`` promotes them."""
+    if skip.dtype != x.dtype:
+        dtype = torch.promote_types(skip.dtype, x.dtype)
+        skip, x = skip.to(dtype), x.to(dtype)
+    return _lib.relu_cat(skip, x)
 
 
 def gan_loss(logits: torch.Tensor, target_is_real: bool, mode: str = "vanilla") -> torch.Tensor:
@@ -231,6 +241,32 @@ def _bias_act_backward_fake(grad_out, out, negative_slope, need_bias_grad):
     return torch.empty_like(out), grad_bias
 
 
+def _layout_of(t: torch.Tensor) -> torch.memory_format:
+    # checks.h's layout_of: channels_last only for a tensor that is channels_last but not NCHW-contiguous.
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _with_channels(t: torch.Tensor, channels: int, layout: torch.memory_format) -> torch.Tensor:
+    shape = (t.shape[0], channels, t.shape[2], t.shape[3])
+    return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=layout)
+
+
+@torch.library.register_fake("fastpix2pix::relu_cat")
+def _relu_cat_fake(skip, x):
+    return _with_channels(x, skip.shape[1] + x.shape[1], _layout_of(x))
+
+
+@torch.library.register_fake("fastpix2pix::relu_cat_backward")
+def _relu_cat_backward_fake(grad_out, skip):
+    layout = _layout_of(grad_out)
+    return (
+        _with_channels(grad_out, skip.shape[1], layout),
+        _with_channels(grad_out, grad_out.shape[1] - skip.shape[1], layout),
+    )
+
+
 @torch.library.register_fake("fastpix2pix::gan_loss")
 def _gan_loss_fake(logits, target_is_real, mode, compute_grad):
     grad = torch.empty_like(logits) if compute_grad else None
@@ -347,6 +383,21 @@ def _conv_bias_act_backward(ctx, grad_out):
     return (grad_x, grad_weight, grad_bias, *([None] * 5))
 
 
+def _relu_cat_setup(ctx, inputs, output) -> None:
+    skip, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(skip)
+
+
+def _relu_cat_backward(ctx, grad_out):
+    if grad_out is None:
+        return None, None
+    (skip,) = ctx.saved_tensors
+    grad_skip, grad_x = _lib.relu_cat_backward(grad_out, skip)
+    needs = ctx.needs_input_grad
+    return (grad_skip if needs[0] else None), (grad_x if needs[1] else None)
+
+
 def _loss_setup(ctx, inputs, output) -> None:
     _, grad = output
     ctx.mark_non_differentiable(grad)
@@ -384,5 +435,6 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "fastpix2pix::conv_bias_act", _conv_bias_act_backward, setup_context=_conv_bias_act_setup
 )
+torch.library.register_autograd("fastpix2pix::relu_cat", _relu_cat_backward, setup_context=_relu_cat_setup)
 torch.library.register_autograd("fastpix2pix::gan_loss", _gan_loss_backward, setup_context=_loss_setup)
 torch.library.register_autograd("fastpix2pix::l1_loss", _l1_loss_backward, setup_context=_loss_setup)

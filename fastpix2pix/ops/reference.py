@@ -89,6 +89,12 @@ def conv_bias_act(
     return activation(y, negative_slope)
 
 
+def relu_cat(skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The U-Net skip connection: ``cat([relu(skip), x], 1)``. The official up level applies ReLU to this
+    concatenation; ``x`` (the level below's output) has its ReLU already, folded into its block."""
+    return torch.cat([F.relu(skip), x], 1)
+
+
 def gan_loss(logits: torch.Tensor, target_is_real: bool, mode: str = "vanilla") -> torch.Tensor:
     """Mean GAN loss of a patch map against an all-real (1) or all-fake (0) target, in float32 or wider."""
     if mode not in GAN_MODES:

@@ -401,6 +401,16 @@ def _gan_loss_case(*, mode: str, real: bool, dtype: torch.dtype = torch.float32)
     return build
 
 
+def _relu_cat_case(*, channels_last: bool, dtype: torch.dtype = torch.float32, size: int = 24) -> Case:
+    def build(gen: torch.Generator, dev: torch.device):
+        # A U-Net skip connection: the encoder's output (either sign: LeakyReLU) and the level below's.
+        skip = _randn(gen, dev, 4, 16, size, size, channels_last=channels_last, dtype=dtype)
+        x = _randn(gen, dev, 4, 8, size, size, channels_last=channels_last, dtype=dtype)
+        return [skip, x], lambda ops, skip, x: [ops.relu_cat(skip, x)]
+
+    return build
+
+
 def _l1_loss_case(gen: torch.Generator, dev: torch.device):
     pred, target = _randn(gen, dev, 4, 3, 64, 64), _randn(gen, dev, 4, 3, 64, 64)
     return [pred, target], lambda ops, pred, target: [ops.l1_loss(pred, target, 100.0)]
@@ -437,6 +447,7 @@ CASES: dict[str, Case] = {
     "gan_loss (vanilla, fake)": _gan_loss_case(mode="vanilla", real=False),
     "gan_loss (lsgan, real)": _gan_loss_case(mode="lsgan", real=True),
     "l1_loss": _l1_loss_case,
+    "relu_cat (NCHW)": _relu_cat_case(channels_last=False),
     # The fast path's dtype and layout: bf16 activations and conv weights, channels_last.
     "conv_bn_act (down, LeakyReLU, bf16)": _conv_bn_act_case(
         transposed=False, slope=0.2, training=True, channels_last=True, dtype=BF16
@@ -456,6 +467,8 @@ CASES: dict[str, Case] = {
     "conv_bias_act (G output, C=3, bf16)": _conv_bias_act_case(
         transposed=True, slope=1.0, channels_last=True, dtype=BF16, shape=G_OUTPUT
     ),
+    "relu_cat (bf16)": _relu_cat_case(channels_last=True, dtype=BF16),
+    "relu_cat (2x2, bf16)": _relu_cat_case(channels_last=True, dtype=BF16, size=2),  # the innermost join
     "gan_loss (vanilla, real, bf16)": _gan_loss_case(mode="vanilla", real=True, dtype=BF16),
     "l1_loss (bf16 prediction)": _l1_loss_bf16_case,
 }

@@ -7,6 +7,7 @@
 #include "cuda/adam.cu"
 #include "cuda/bias_act.cu"
 #include "cuda/bn_act.cu"
+#include "cuda/concat.cu"
 #include "cuda/losses.cu"
 
 namespace fastpix2pix::emulation_tests {
@@ -43,6 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return gpu::gan_loss(logits, target_is_real, mode, compute_grad);
         });
   m.def("l1_loss", &gpu::l1_loss);
+  m.def("relu_cat", &gpu::relu_cat);
+  m.def("relu_cat_backward", &gpu::relu_cat_backward);
   m.def("adam_master_step_",
         [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
