@@ -5,11 +5,11 @@ The iteration is the fast path's (bf16 autocast, channels_last, fused Adam, the 
 the 70x70 PatchGAN at 256 px, batch 1, run on the CPU. Two counts of the same (third) iteration:
 
 - top level: a ``TorchDispatchMode`` sees every op the Python code dispatches (a fused C++ op is one op; the
-  ATen calls it makes inside are not seen), classified by kind (zero-fills, casts, running-statistic and
-  counter updates, layout copies, concatenations, activations, convolutions and fused blocks, losses,
-  the optimizer, other);
-  Of them, the ops that launch work (``top_level_launching_ops``): all but views, allocations, detaches and
-  profiler markers (:data:`NO_WORK`), which cost a GPU nothing, and under a CUDA graph nothing at all;
+  ATen calls it makes inside are not seen), classified by kind (zero-fills, casts, small arithmetic on
+  scalars and vectors, layout copies, concatenations, activations, convolutions and fused blocks, losses,
+  the optimizer, other). Of them, the ops that launch work (``top_level_launching_ops``): all but views,
+  allocations, detaches and profiler markers (:data:`NO_WORK`), which cost a GPU nothing, and under a CUDA
+  graph nothing at all;
 - every op call that does work itself: ``torch.profiler`` events of ops with no working op below them
   (allocations, views and no-op conversions excluded), C++ ops' nested ATen calls included: about the
   kernels a GPU would launch. A ``_foreach_`` call counts once (one multi-tensor kernel on CUDA; the CPU
@@ -74,7 +74,7 @@ def op_kind(name: str, args: tuple[Any, ...]) -> str:
     if base.startswith("_fused_adam"):
         return "optimizer"
     if base in UPDATES and args and isinstance(args[0], torch.Tensor) and args[0].dim() <= 1:
-        return "running statistics / counters"
+        return "small arithmetic (operand <= 1-D: counters, loss scaling, vector gradient sums)"
     if base in LAYOUT:
         return "layout copy"
     return "other: " + base

@@ -54,3 +54,16 @@ def test_the_discriminator_sees_the_fake_pairs_in_the_generators_dtype() -> None
     cats = counted_iteration().cat_dtypes
     assert sum(out == torch.float32 for _, out in cats) == 1, cats
     assert sum(out == torch.bfloat16 for _, out in cats) >= 2, cats
+
+
+def test_running_statistics_and_skip_joins_take_few_ops() -> None:
+    """BatchNorm running statistics: 3 tiny ops per layer and pass (66 per unet_256 iteration) became one
+    foreach call per kind and flush: 3 flushes here (D's second and third passes each flush what waits, the
+    iteration's end the rest). Skip joins: relu + cat forward and threshold_backward backward became one
+    relu_cat each way, one per decoder level (6 for unet_128)."""
+    names = counted_iteration().names
+    assert names["aten::_foreach_lerp_.Scalar"] == 3, names
+    assert names["aten::_foreach_mul.ScalarList"] == 3, names
+    assert names["aten::lerp_.Scalar"] == 0 and names["aten::add_.Tensor"] <= 1, names  # (Adam's step count)
+    assert names["fastpix2pix::relu_cat"] == names["fastpix2pix::relu_cat_backward"] == 6, names
+    assert names["aten::relu"] == 0 and names["aten::threshold_backward"] == 0, names
