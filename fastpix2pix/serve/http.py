@@ -203,7 +203,12 @@ class ServeHTTPServer(ThreadingHTTPServer):
         )
         with self._connections_lock:
             self._connections[thread] = request
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:  # no thread to wait for (the server's error handling closes the request)
+            with self._connections_lock:
+                self._connections.pop(thread, None)
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
