@@ -39,7 +39,9 @@ TORCH_LIBRARY(fastpix2pix, m) {
 
   // --- bias + activation (the norm-free layers) ------------------------------------------------
   m.def("bias_act_forward(Tensor x, Tensor? bias, float negative_slope) -> Tensor");
-  // act'(z) is read off the forward output's sign; grad_bias is None unless need_bias_grad.
+  // act'(z) is read off the forward output's sign; grad_bias is None unless need_bias_grad, and in the
+  // statistics dtype (float32 for float32/bfloat16/float16 outputs: a sum over N*H*W values is not
+  // rounded to bfloat16; a conv bias stays float32 under autocast).
   m.def(
       "bias_act_backward(Tensor grad_out, Tensor out, float negative_slope, bool need_bias_grad) "
       "-> (Tensor grad_x, Tensor grad_bias)");

@@ -67,3 +67,21 @@ def test_running_statistics_and_skip_joins_take_few_ops() -> None:
     assert names["aten::lerp_.Scalar"] == 0 and names["aten::add_.Tensor"] <= 1, names  # (Adam's step count)
     assert names["fastpix2pix::relu_cat"] == names["fastpix2pix::relu_cat_backward"] == 6, names
     assert names["aten::relu"] == 0 and names["aten::threshold_backward"] == 0, names
+
+
+def test_bf16_loss_and_bias_gradients_take_no_cast() -> None:
+    """The losses' backward scaled their bf16 gradient by the float32 loss gradient cast to bf16 first (a
+    kernel each), and a biased block's bias gradient came back in bf16 for a float32 bias (a cast after
+    the op): neither casts now."""
+    from fastpix2pix.ops import fused as ops  # needs the compiled library (skipped above without it)
+
+    logits = torch.randn(1, 1, 30, 30, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(2, requires_grad=True)  # float32, as autocast leaves a conv bias
+    counter = TopLevelOps()
+    with counter:
+        (ops.gan_loss(logits, True) * 0.5).backward()
+        ops.conv_bias_act(x, weight, bias, padding=(1, 1), negative_slope=0.2).sum().backward()
+    assert counter.kinds["cast"] == 0, counter.names
+    assert logits.grad.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32

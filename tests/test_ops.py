@@ -199,6 +199,18 @@ def test_bias_act_ops(device, negative_slope, with_bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bias_gradient_of_a_bf16_block_is_float32(device):
+    """The bias stays float32 under autocast; its gradient, a sum over N*H*W, comes back in float32 (no
+    cast kernel after the op, no bf16 rounding of the sum: within float32 rounding of the float64 sum)."""
+    out = lib.bias_act_forward(torch.randn(4, 8, 16, 16, device=device).to(torch.bfloat16), None, 0.2)
+    grad_out = torch.randn_like(out)
+    _, grad_bias = lib.bias_act_backward(grad_out, out, 0.2, True)
+    assert grad_bias.dtype == torch.float32
+    dz = grad_out.double() * torch.where(out.double() > 0, 1.0, 0.2)
+    torch.testing.assert_close(grad_bias.double(), dz.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bn_stats_keep_precision_with_a_large_mean(device):
     """Spread 0.1 around 1e4 (float32 keeps ~3 digits of the spread): naive sums of squares cancel.
 

@@ -361,7 +361,7 @@ std::tuple<Tensor, Tensor> bias_act_backward(const Tensor& grad_out, const Tenso
     const auto sum_dz =
         bias_act_backward_kernel<scalar_t>(grad, forward_out, grad_x.buffer, grad_x.layout, negative_slope);
     if (need_bias_grad) {
-      grad_bias = sum_dz.to_tensor(out.options());
+      grad_bias = sum_dz.to_tensor(out.options().dtype(stats_dtype(out)));
     }
   });
   return {grad_x.finish(), grad_bias};

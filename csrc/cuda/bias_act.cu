@@ -101,13 +101,13 @@ struct ActivationBackwardPass {
   }
 };
 
-// The bias gradient, in the output's dtype (as the fake kernel in ops.py promises).
-template <typename acc_t, typename scalar_t>
+// The bias gradient, in the accumulation (statistics) dtype, as the fake kernel in ops/kernels.py promises.
+template <typename acc_t>
 struct BiasGradFinalizer {
-  scalar_t* grad_bias;
+  acc_t* grad_bias;
 
   __device__ void operator()(int64_t c, const typename Sum<acc_t, 1>::Lane& lane) const {
-    grad_bias[c] = static_cast<scalar_t>(lane.v[0]);
+    grad_bias[c] = lane.v[0];
   }
 };
 
@@ -124,7 +124,7 @@ struct BiasActBackwardPass {
   const scalar_t* out;
   scalar_t* grad_x;
   acc_t slope;
-  BiasGradFinalizer<acc_t, scalar_t> finalize;
+  BiasGradFinalizer<acc_t> finalize;
 
   template <bool kLanesAreChannels>
   __device__ Params params(int64_t) const {
@@ -223,7 +223,7 @@ std::tuple<Tensor, Tensor> bias_act_backward(const Tensor& grad_out_in, const Te
   const Tensor out = in_layout(out_in, grad_x.layout);
   const Tensor grad_out = in_layout(grad_out_in, grad_x.layout);
   const Walk walk = walk_of(out, grad_x.layout);
-  Tensor grad_bias = at::empty({walk.channels}, out.options());
+  Tensor grad_bias = at::empty({walk.channels}, out.options().dtype(stats_dtype(out)));
   if (walk.numel() == 0) {
     grad_bias.zero_();
     return {grad_x.finish(), grad_bias};
@@ -237,7 +237,7 @@ std::tuple<Tensor, Tensor> bias_act_backward(const Tensor& grad_out_in, const Te
                                                                   out.const_data_ptr<scalar_t>(),
                                                                   grad_x.buffer.mutable_data_ptr<scalar_t>(),
                                                                   static_cast<acc_t>(negative_slope),
-                                                                  {grad_bias.mutable_data_ptr<scalar_t>()}},
+                                                                  {grad_bias.mutable_data_ptr<acc_t>()}},
                                 walk, out.options());
         });
   });

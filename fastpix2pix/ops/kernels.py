@@ -237,7 +237,7 @@ def _bias_act_forward_fake(x, bias, negative_slope):
 
 @torch.library.register_fake("fastpix2pix::bias_act_backward")
 def _bias_act_backward_fake(grad_out, out, negative_slope, need_bias_grad):
-    grad_bias = out.new_empty(out.shape[1]) if need_bias_grad else None
+    grad_bias = out.new_empty(out.shape[1], dtype=_stats_dtype(out)) if need_bias_grad else None
     return torch.empty_like(out), grad_bias
 
 
@@ -321,7 +321,7 @@ def _conv_bias_act_backward_fake(
     conv_args = (stride, padding, output_padding, transposed)
     return (
         *_conv_backward_fake(grad_y, x, weight, *conv_args, output_mask[0], output_mask[1]),
-        out.new_empty(out.shape[1]) if output_mask[2] else None,
+        out.new_empty(out.shape[1], dtype=_stats_dtype(out)) if output_mask[2] else None,
     )
 
 
@@ -412,7 +412,9 @@ def _scaled_saved_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
             "fastpix2pix loss: backward called but the forward computed no gradient "
             "(compute_grad=False); call the op with compute_grad=True to differentiate it"
         )
-    return grad * grad_loss.to(grad.dtype)
+    # grad_loss is 0-dim: it does not promote grad's dtype (a bf16 gradient stays bf16), and the multiply
+    # reads it in its own dtype, so no cast kernel runs first.
+    return grad * grad_loss
 
 
 def _gan_loss_backward(ctx, grad_loss, _grad_grad):
