@@ -132,9 +132,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_act_backward(
   constexpr const char* op = "fastpix2pix::conv_bn_act_backward";
   check_conv_args(x, weight, stride, padding, output_padding, op);
   const bool need_grad_y = output_mask[0] || output_mask[1];
-  // A gradient in another memory order than conv_out (a U-Net decoder level's: a channel slice of the skip
-  // concatenation's gradient) is copied once here, not once in each of the two passes below. A gradient the
-  // passes would refuse (shape, dtype) goes to them as it is, for their error.
+  // A gradient in another memory order than conv_out (a channel slice of a concatenation's gradient, or an
+  // NCHW gradient of a channels_last block) is copied once here, not once in each of the two passes below.
+  // A gradient the passes would refuse (shape, dtype) goes to them as it is, for their error.
   const Tensor grad = grad_out.defined() && grad_out.sizes() == conv_out.sizes() &&
                               grad_out.scalar_type() == conv_out.scalar_type() &&
                               grad_out.device() == conv_out.device()

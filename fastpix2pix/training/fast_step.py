@@ -389,7 +389,8 @@ class FastStep:
         source makes it eagerly."""
         real_A, real_B = self._batch()
         visuals: dict[str, torch.Tensor] = {}
-        # The BatchNorm running-statistic updates of each network pass batched: 9 foreach kernels, not 66.
+        # BatchNorm running statistics batched per network pass (unet_256 + PatchGAN: 9 foreach kernels
+        # per iteration instead of 66 small ops; see fastpix2pix.ops.running_stats).
         with self._autocast(), deferred_running_stats():
             losses = train_step(
                 self.nets, self.optimizers, {"A": real_A, "B": real_B}, self.objective, visuals
