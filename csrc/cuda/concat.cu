@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const bool in_skip = c < parts.first;
     const int64_t target_plane = in_skip ? n * parts.first + c : n * parts.second + c - parts.first;
     const scalar_t* source = grad + plane * plane_size;
-    const scalar_t* mask = skip + target_plane * plane_size;  // read only in the skip part
+    const scalar_t* mask = in_skip ? skip + target_plane * plane_size : nullptr;  // read in the skip part only
     scalar_t* target = (in_skip ? grad_skip : grad_x) + target_plane * plane_size;
     strided_loop(
         column0, columns, column_stride,
