@@ -196,28 +196,27 @@ inline at::Tensor in_layout_of(const at::Tensor& grad, const at::Tensor& param) 
   return grad.strides() == param.strides() ? grad : at::empty_like(param, grad.options()).copy_(grad);
 }
 
-// relu_cat's inputs: 4-D floating tensors of one dtype and device, with the same N, H and W.
+// Two 4-D floating tensors of one dtype and device (`ref` the one the op follows); whether they share N, H, W.
+inline bool same_batch_and_size(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                                const char* name, const char* op) {
+  check_4d(t, op, name);
+  check_4d(ref, op, ref_name);
+  check_floating(ref, op, ref_name);
+  check_same_device(ref, t, op, name);
+  check_same_dtype(ref, t, op, name);
+  return t.size(0) == ref.size(0) && t.size(2) == ref.size(2) && t.size(3) == ref.size(3);
+}
+
+// relu_cat's inputs: skip and x of one dtype and device, with the same N, H and W.
 inline void check_relu_cat_args(const at::Tensor& skip, const at::Tensor& x, const char* op) {
-  check_4d(skip, op, "skip");
-  check_4d(x, op, "x");
-  check_floating(x, op, "x");
-  check_same_device(x, skip, op, "skip");
-  check_same_dtype(x, skip, op, "skip");
-  TORCH_CHECK(skip.size(0) == x.size(0) && skip.size(2) == x.size(2) && skip.size(3) == x.size(3), op,
-              ": skip ", skip.sizes(), " and x ", x.sizes(), " must have the same batch size, height and width");
+  TORCH_CHECK(same_batch_and_size(x, "x", skip, "skip", op), op, ": skip ", skip.sizes(), " and x ", x.sizes(),
+              " must have the same batch size, height and width");
 }
 
 // relu_cat_backward's inputs: grad_out covers skip's channels and at least as many more.
 inline void check_relu_cat_backward_args(const at::Tensor& grad_out, const at::Tensor& skip, const char* op) {
-  check_4d(grad_out, op, "grad_out");
-  check_4d(skip, op, "skip");
-  check_floating(grad_out, op, "grad_out");
-  check_same_device(grad_out, skip, op, "skip");
-  check_same_dtype(grad_out, skip, op, "skip");
-  TORCH_CHECK(skip.size(0) == grad_out.size(0) && skip.size(2) == grad_out.size(2) &&
-                  skip.size(3) == grad_out.size(3) && skip.size(1) <= grad_out.size(1),
-              op, ": grad_out ", grad_out.sizes(), " does not hold skip ", skip.sizes(),
-              " in its first channels");
+  TORCH_CHECK(same_batch_and_size(grad_out, "grad_out", skip, "skip", op) && skip.size(1) <= grad_out.size(1),
+              op, ": grad_out ", grad_out.sizes(), " does not hold skip ", skip.sizes(), " in its first channels");
 }
 
 // The [N, C, H, W] output of an op laid out in `layout`.

@@ -44,12 +44,29 @@ __device__ __forceinline__ Vec<scalar_t, kV> relu_grad_lanes(const GradAndValue<
   return result;
 }
 
+// Where an element of the concatenation lies in its part: which part, and its index there (a channel in a
+// channels_last row, or a plane of one channel of one image in NCHW).
+struct PartIndex {
+  bool in_first;
+  int64_t index;
+};
+
 // The two parts of a concatenation along channels: the first `first` channels, then `second` more.
 struct Parts {
   int64_t first;
   int64_t second;
 
   __host__ __device__ int64_t channels() const { return first + second; }
+  // Channel `channel` of a row: a channel of the first part, or channel - first of the second.
+  __device__ PartIndex of_channel(int64_t channel) const {
+    return channel < first ? PartIndex{true, channel} : PartIndex{false, channel - first};
+  }
+  // Plane (n, c) of the concatenation (NCHW): plane (n, c) of the first part, or (n, c - first) of the second.
+  __device__ PartIndex of_plane(int64_t plane) const {
+    const int64_t n = plane / channels(), c = plane - n * channels();
+    return c < first ? PartIndex{true, n * first + c} : PartIndex{false, n * second + c - first};
+  }
+  __device__ int64_t channels_of(const PartIndex& part) const { return part.in_first ? first : second; }
 };
 
 // Forward, channels_last: row r of out is [relu(skip row r), x row r]. A thread owns the kV channels at
@@ -62,9 +79,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (channel0 >= channels) {
     return;
   }
-  const bool in_skip = channel0 < parts.first;
-  const scalar_t* source = in_skip ? skip + channel0 : x + (channel0 - parts.first);
-  const int64_t source_row = in_skip ? parts.first : parts.second;
+  const PartIndex part = parts.of_channel(channel0);
+  const bool in_skip = part.in_first;
+  const scalar_t* source = (in_skip ? skip : x) + part.index;
+  const int64_t source_row = parts.channels_of(part);
   strided_loop(
       static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y, rows,
       static_cast<int64_t>(gridDim.x) * blockDim.y,
@@ -85,13 +103,11 @@ __global__ void __launch_bounds__(kBlockThreads)
     return;
   }
   const int64_t column_stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
-  const int64_t channels = parts.channels();
   for (int64_t plane = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; plane < planes;
        plane += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t n = plane / channels, c = plane - n * channels;
-    const bool in_skip = c < parts.first;
-    const scalar_t* source = in_skip ? skip + (n * parts.first + c) * plane_size
-                                     : x + (n * parts.second + c - parts.first) * plane_size;
+    const PartIndex part = parts.of_plane(plane);
+    const bool in_skip = part.in_first;
+    const scalar_t* source = (in_skip ? skip : x) + part.index * plane_size;
     scalar_t* target = out + plane * plane_size;
     strided_loop(
         column0, columns, column_stride, [&](int64_t column) { return load_vec<kV>(source, column * kV); },
@@ -111,9 +127,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (channel0 >= channels) {
     return;
   }
-  const bool in_skip = channel0 < parts.first;
-  scalar_t* target = in_skip ? grad_skip + channel0 : grad_x + (channel0 - parts.first);
-  const int64_t target_row = in_skip ? parts.first : parts.second;
+  const PartIndex part = parts.of_channel(channel0);
+  const bool in_skip = part.in_first;
+  scalar_t* target = (in_skip ? grad_skip : grad_x) + part.index;
+  const int64_t target_row = parts.channels_of(part);
   strided_loop(
       static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y, rows,
       static_cast<int64_t>(gridDim.x) * blockDim.y,
@@ -141,15 +158,13 @@ __global__ void __launch_bounds__(kBlockThreads)
     return;
   }
   const int64_t column_stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
-  const int64_t channels = parts.channels();
   for (int64_t plane = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; plane < planes;
        plane += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t n = plane / channels, c = plane - n * channels;
-    const bool in_skip = c < parts.first;
-    const int64_t target_plane = in_skip ? n * parts.first + c : n * parts.second + c - parts.first;
+    const PartIndex part = parts.of_plane(plane);
+    const bool in_skip = part.in_first;
     const scalar_t* source = grad + plane * plane_size;
-    const scalar_t* mask = in_skip ? skip + target_plane * plane_size : nullptr;  // read in the skip part only
-    scalar_t* target = (in_skip ? grad_skip : grad_x) + target_plane * plane_size;
+    const scalar_t* mask = in_skip ? skip + part.index * plane_size : nullptr;  // read in the skip part only
+    scalar_t* target = (in_skip ? grad_skip : grad_x) + part.index * plane_size;
     strided_loop(
         column0, columns, column_stride,
         [&](int64_t column) {

@@ -133,13 +133,18 @@ def fused_kernels_usable(device: torch.device) -> bool:
     """
     if _checking:
         return True
-    key = _device_key(device)
-    verdict = _verdicts.get(key)
+    return _cached_verdict(_verdicts, device, lambda: all(check.passed for check in verify_kernels(device)))
+
+
+def _cached_verdict(verdicts: dict[str, bool], device: torch.device, check: Callable[[], bool]) -> bool:
+    """The verdict recorded for ``device`` in ``verdicts``; else ``check()``'s (which records it), or True
+    where no check may run now (self-check off, tracing, capturing)."""
+    verdict = verdicts.get(_device_key(device))
     if verdict is not None:
         return verdict
     if not self_check_enabled() or _cannot_check_now(device):
         return True
-    return all(check.passed for check in verify_kernels(device))
+    return check()
 
 
 def _cannot_check_now(device: torch.device) -> bool:
@@ -186,12 +191,12 @@ def adam_kernel_usable(device: torch.device) -> bool:
     update of a few weights (channels_last, odd sizes, bf16 copies, a step count past 1) with the reference
     op in float64 on the CPU. On a disagreement or an error it warns once and the reference runs there. Not
     checked while capturing or compiling (taken as usable; the fast trainer checks before it captures)."""
+    return _cached_verdict(_adam_verdicts, device, lambda: _check_adam_kernel(device))
+
+
+def _check_adam_kernel(device: torch.device) -> bool:
+    """Run the optimizer kernel's check on ``device``, record the verdict, warn once on a failure."""
     key = _device_key(device)
-    verdict = _adam_verdicts.get(key)
-    if verdict is not None:
-        return verdict
-    if not self_check_enabled() or _cannot_check_now(device):
-        return True
     problem = _adam_problem(device)
     _adam_verdicts[key] = problem is None
     if problem is not None:
@@ -200,7 +205,7 @@ def adam_kernel_usable(device: torch.device) -> bool:
             f"({problem}): using the reference update on {key} for this process. Please report this with "
             "the output of `fastpix2pix info --check`.",
             KernelCheckWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
     return problem is None
 
