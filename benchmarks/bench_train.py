@@ -366,7 +366,8 @@ def fast_row(args, device, batch, name: str = "fast_path", **changes: Any) -> Ro
     rotation = Rotation(make_batches(args, batch, device, config.channels_last))
     attach_weight_copies(nets, optimizers)
     step = FastStep(nets, optimizers, Objective(backend=backend), lambda: (rotation.A, rotation.B),
-                    bf16=config.bf16, loss_rows=FAST_LOSS_ROWS)  # fmt: skip
+                    bf16=config.bf16, loss_rows=FAST_LOSS_ROWS,
+                    pairs_as_one_batch=config.pairs_as_one_batch)  # fmt: skip
     if config.cuda_graph:
         step.capture()
 
@@ -385,7 +386,7 @@ def fast_row(args, device, batch, name: str = "fast_path", **changes: Any) -> Ro
     layout = "channels_last" if config.channels_last else "nchw"
     note = (
         f"FastStep, {backend} ops, bf16={config.bf16}, {layout}, Adam {adam}, graph={config.cuda_graph}, "
-        f"weight copies={config.weight_copies}"
+        f"weight copies={config.weight_copies}, D pairs as one batch={config.pairs_as_one_batch}"
     )
     return Row(name, run, losses, note)
 
@@ -399,6 +400,13 @@ NAMED_ROWS: dict[str, Callable[..., Row]] = {
     "fast_path_bf16": lambda a, d, b: fast_row(a, d, b, "fast_path_bf16", bf16=True),
     "fast_path_bf16_cast": lambda a, d, b: fast_row(
         a, d, b, "fast_path_bf16_cast", bf16=True, weight_copies=False
+    ),
+    # D's fake and real pairs as two forwards (as the plain trainer), against the default's one.
+    "fast_path_separate_pairs": lambda a, d, b: fast_row(
+        a, d, b, "fast_path_separate_pairs", pairs_as_one_batch=False
+    ),
+    "fast_path_bf16_separate_pairs": lambda a, d, b: fast_row(
+        a, d, b, "fast_path_bf16_separate_pairs", bf16=True, pairs_as_one_batch=False
     ),
     "eager_fp32": lambda a, d, b: ours_row(a, d, b, "reference", "nchw", "default", "eager_fp32"),
     "eager_bf16_cl_fusedadam": lambda a, d, b: eager_row(a, d, b, bf16=True, name="eager_bf16_cl_fusedadam"),

@@ -171,8 +171,9 @@ def build_step(args: argparse.Namespace) -> FastStep:
     # The CUDA iteration's settings, less the graph: with the optimizer's bf16 weight copies unless
     # --cast-weights (each weight cast in each pass, as before the copies).
     config = FastPathConfig.for_device(
-        device, bf16=True, channels_last=True, cuda_graph=False, weight_copies=not args.cast_weights
-    )
+        device, bf16=True, channels_last=True, cuda_graph=False, weight_copies=not args.cast_weights,
+        pairs_as_one_batch=not args.separate_pairs,
+    )  # fmt: skip
     torch.manual_seed(0)
     nets = build_networks(opt, backend, device)
     for net in nets:
@@ -182,7 +183,8 @@ def build_step(args: argparse.Namespace) -> FastStep:
     A = torch.randn(args.batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     B = torch.randn(args.batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     attach_weight_copies(nets, optimizers)
-    step = FastStep(nets, optimizers, Objective(backend=backend), lambda: (A, B), bf16=True, loss_rows=8)
+    step = FastStep(nets, optimizers, Objective(backend=backend), lambda: (A, B), bf16=True, loss_rows=8,
+                    pairs_as_one_batch=config.pairs_as_one_batch)  # fmt: skip
     return step
 
 
@@ -221,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="cast each weight in each pass instead of the optimizer's bf16 weight copies (MasterWeightAdam)",
     )
+    parser.add_argument(
+        "--separate-pairs",
+        action="store_true",
+        help="D's fake and real pairs as two forwards (the plain trainer's D step) instead of one batch",
+    )
     parser.add_argument("--label", default="", help="what this count is of (e.g. before / after a change)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     args = parser.parse_args(argv)
@@ -234,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": args.size,
             "batch": args.batch,
             "weight_copies": not args.cast_weights,
+            "pairs_as_one_batch": not args.separate_pairs,
         },
         "environment": environment(torch.device("cpu"), args) | {"cpu": cpu_info()},
         **count(args),

@@ -145,7 +145,8 @@ def speed_steps(out: Path, work: Path) -> list[Step]:
     graph += ["--json", str(out / "graph_check.json"), "--work", str(work / "graph_check")]
     # fast_path_bf16_cast: the fast path casting its weights in each pass, beside its default (the optimizer's
     # bf16 weight copies): the copies' gain on a GPU, in the same interleaved rounds.
-    rows = "official_eager eager_bf16_cl_fusedadam fast_path fast_path_bf16_cast"
+    # fast_path_separate_pairs: D's fake and real pairs as two forwards, against the default's one batch.
+    rows = "official_eager eager_bf16_cl_fusedadam fast_path fast_path_bf16_cast fast_path_separate_pairs"
     train = [py, "benchmarks/bench_train.py", *words(f"--device cuda --batch 16 1 --rows {rows}")]
     train += [*words("--warmup 5 --rounds 30 --max-seconds 27 --json"), str(out / "train.json")]
     tests = [py, "benchmarks/changed_cuda_tests.py", "--run", "--json", str(work / "cuda_tests_changed.json")]

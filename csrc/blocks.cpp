@@ -21,35 +21,36 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-TensorPair bn_stats(const Tensor& x) {
-  static auto op = op_handle<TensorPair(const Tensor&)>("fastpix2pix::bn_stats");
-  return op.call(x);
+TensorPair bn_stats(const Tensor& x, int64_t groups) {
+  static auto op = op_handle<TensorPair(const Tensor&, int64_t)>("fastpix2pix::bn_stats");
+  return op.call(x, groups);
 }
 
 Tensor bn_act_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
-                      const OptTensor& bias, double eps, double slope) {
+                      const OptTensor& bias, double eps, double slope, int64_t groups) {
   static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                    const OptTensor&, double, double)>("fastpix2pix::bn_act_forward");
-  return op.call(x, mean, var, weight, bias, eps, slope);
+                                    const OptTensor&, double, double, int64_t)>("fastpix2pix::bn_act_forward");
+  return op.call(x, mean, var, weight, bias, eps, slope, groups);
 }
 
 TensorPair bn_act_backward_reduce(const Tensor& grad_out, const Tensor& x, const Tensor& mean,
                                   const Tensor& var, const OptTensor& weight, const OptTensor& bias,
-                                  double eps, double slope) {
+                                  double eps, double slope, int64_t groups) {
   static auto op =
       op_handle<TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                           const OptTensor&, double, double)>("fastpix2pix::bn_act_backward_reduce");
-  return op.call(grad_out, x, mean, var, weight, bias, eps, slope);
+                           const OptTensor&, double, double, int64_t)>("fastpix2pix::bn_act_backward_reduce");
+  return op.call(grad_out, x, mean, var, weight, bias, eps, slope, groups);
 }
 
 Tensor bn_act_backward_apply(const Tensor& grad_out, const Tensor& x, const Tensor& mean, const Tensor& var,
                              const OptTensor& weight, const OptTensor& bias, const Tensor& sum_dz,
                              const Tensor& sum_dz_xhat, int64_t count, double eps, double slope,
-                             bool training) {
+                             bool training, int64_t groups) {
   static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                     const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, int64_t,
-                                    double, double, bool)>("fastpix2pix::bn_act_backward_apply");
-  return op.call(grad_out, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, slope, training);
+                                    double, double, bool, int64_t)>("fastpix2pix::bn_act_backward_apply");
+  return op.call(grad_out, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, slope, training,
+                 groups);
 }
 
 Tensor bias_act_forward(const Tensor& x, const OptTensor& bias, double slope) {
@@ -96,19 +97,27 @@ std::tuple<Tensor, Tensor> convolve_backward(const Tensor& grad_y, const Tensor&
   return {std::get<0>(grads), std::get<1>(grads)};
 }
 
+// How many groups the statistics of a block have: its groups in training; one in eval, where the running
+// statistics normalise every group alike.
+int64_t stats_groups(bool training, int64_t groups) { return training ? groups : 1; }
+
+// A group-major per-channel vector summed over its groups (itself for one group).
+Tensor over_groups(const Tensor& t, int64_t groups) { return groups == 1 ? t : t.view({groups, -1}).sum(0); }
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_act(const Tensor& x, const Tensor& weight,
                                                        const OptTensor& bn_weight, const OptTensor& bn_bias,
                                                        const OptTensor& running_mean,
                                                        const OptTensor& running_var, at::IntArrayRef stride,
                                                        at::IntArrayRef padding, at::IntArrayRef output_padding,
                                                        bool transposed, bool training, double eps,
-                                                       double slope) {
+                                                       double slope, int64_t groups) {
   constexpr const char* op = "fastpix2pix::conv_bn_act";
   check_conv_args(x, weight, stride, padding, output_padding, op);
+  check_groups(x, groups, op);  // before the convolution's work
   Tensor conv_out = convolve(x, weight, stride, padding, output_padding, transposed);
   Tensor mean, var;
   if (training) {
-    std::tie(mean, var) = bn_stats(conv_out);
+    std::tie(mean, var) = bn_stats(conv_out, groups);
   } else {
     TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
                     running_var->defined(),
@@ -120,7 +129,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_act(const Tensor& x, const Te
     mean = running_mean->to(stats_dtype(conv_out), /*non_blocking=*/false, /*copy=*/true);
     var = running_var->to(stats_dtype(conv_out), /*non_blocking=*/false, /*copy=*/true);
   }
-  Tensor out = bn_act_forward(conv_out, mean, var, bn_weight, bn_bias, eps, slope);
+  Tensor out = bn_act_forward(conv_out, mean, var, bn_weight, bn_bias, eps, slope, stats_groups(training, groups));
   return {out, conv_out, mean, var};
 }
 
@@ -128,9 +137,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_act_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& conv_out,
     const OptTensor& bn_weight, const OptTensor& bn_bias, const Tensor& mean, const Tensor& var,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding, bool transposed,
-    bool training, double eps, double slope, std::array<bool, 4> output_mask) {
+    bool training, double eps, double slope, std::array<bool, 4> output_mask, int64_t groups) {
   constexpr const char* op = "fastpix2pix::conv_bn_act_backward";
   check_conv_args(x, weight, stride, padding, output_padding, op);
+  check_groups(x, groups, op);
+  const int64_t stats = stats_groups(training, groups);
   const bool need_grad_y = output_mask[0] || output_mask[1];
   // A gradient in another memory order than conv_out (a channel slice of a concatenation's gradient, or an
   // NCHW gradient of a channels_last block) is copied once here, not once in each of the two passes below.
@@ -144,18 +155,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_act_backward(
   Tensor sum_dz, sum_dz_xhat;
   if (output_mask[2] || output_mask[3] || (need_grad_y && training)) {
     std::tie(sum_dz, sum_dz_xhat) =
-        bn_act_backward_reduce(grad, conv_out, mean, var, bn_weight, bn_bias, eps, slope);
+        bn_act_backward_reduce(grad, conv_out, mean, var, bn_weight, bn_bias, eps, slope, stats);
   }
   Tensor grad_x, grad_weight;
   if (need_grad_y) {
-    const int64_t count = conv_out.numel() / conv_out.size(1);
+    const int64_t count = conv_out.numel() / (conv_out.size(1) * stats);  // values per channel and group
     Tensor grad_y = bn_act_backward_apply(grad, conv_out, mean, var, bn_weight, bn_bias, sum_dz, sum_dz_xhat,
-                                          count, eps, slope, training);
+                                          count, eps, slope, training, stats);
     std::tie(grad_x, grad_weight) = convolve_backward(grad_y, x, weight, stride, padding, output_padding,
                                                       transposed, output_mask[0], output_mask[1]);
   }
-  Tensor grad_bn_weight = output_mask[2] ? sum_dz_xhat.to(bn_weight->scalar_type()) : Tensor();
-  Tensor grad_bn_bias = output_mask[3] ? sum_dz.to(bn_bias->scalar_type()) : Tensor();
+  // One weight and bias normalise every group: their gradients are the groups' sums added.
+  Tensor grad_bn_weight = output_mask[2] ? over_groups(sum_dz_xhat, stats).to(bn_weight->scalar_type()) : Tensor();
+  Tensor grad_bn_bias = output_mask[3] ? over_groups(sum_dz, stats).to(bn_bias->scalar_type()) : Tensor();
   return {grad_x, grad_weight, grad_bn_weight, grad_bn_bias};
 }
 

@@ -55,16 +55,24 @@ inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const c
               t.sizes());
 }
 
-// The arguments every BatchNorm op shares: x a 4-D floating tensor; the statistics and the optional affine
-// parameters per-channel vectors on its device.
+// A grouped BatchNorm's `groups` (schema: fastpix2pix.cpp): at least 1, and dividing the batch of x.
+inline void check_groups(const at::Tensor& x, int64_t groups, const char* op) {
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  TORCH_CHECK(x.dim() >= 1 && x.size(0) % groups == 0, op, ": the batch of ", x.sizes(),
+              " does not split into groups=", groups, " equal parts");
+}
+
+// The arguments every BatchNorm op shares: x a 4-D floating tensor whose batch splits into `groups`; the
+// statistics vectors of groups * C values and the optional affine parameters of C values, on its device.
 inline void check_bn_args(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                          const char* op) {
+                          const char* op, int64_t groups = 1) {
   check_4d(x, op, "x");
   check_floating(x, op, "x");
+  check_groups(x, groups, op);
   const int64_t channels = x.size(1);
-  check_channel_vector(x, mean, channels, op, "mean");
-  check_channel_vector(x, var, channels, op, "var");
+  check_channel_vector(x, mean, groups * channels, op, "mean");
+  check_channel_vector(x, var, groups * channels, op, "var");
   check_optional_channel_vector(x, weight, channels, op, "weight");
   check_optional_channel_vector(x, bias, channels, op, "bias");
 }
@@ -78,9 +86,22 @@ inline void check_grad_out(const at::Tensor& forward_tensor, const at::Tensor& g
 
 // BatchNorm needs more than one value per channel to estimate a variance (as nn.BatchNorm2d says). Like
 // nn.BatchNorm2d, an empty batch passes: it has no statistics, but nothing to normalise either.
-inline void check_values_per_channel(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.size(1) == 0 || x.numel() / x.size(1) != 1, op,
-              ": expected more than 1 value per channel when training, got input size ", x.sizes());
+inline void check_values_per_channel(const at::Tensor& x, const char* op, int64_t groups = 1) {
+  TORCH_CHECK(x.size(1) == 0 || x.numel() / (x.size(1) * groups) != 1, op,
+              ": expected more than 1 value per channel when training, got input size ", x.sizes(),
+              groups > 1 ? " split into " + std::to_string(groups) + " groups" : std::string());
+}
+
+// Group g of the batch of t split into `groups` equal consecutive parts: a view, laid out as t (the batch is
+// the outermost dimension of NCHW and channels_last, so a group of either is itself NCHW or channels_last).
+inline at::Tensor batch_group(const at::Tensor& t, int64_t groups, int64_t g) {
+  const int64_t size = t.size(0) / groups;
+  return t.narrow(0, g * size, size);
+}
+
+// Group g's `channels` values of a grouped statistics vector (group-major), or an undefined tensor.
+inline at::Tensor stats_group(const at::Tensor& stats, int64_t channels, int64_t g) {
+  return stats.defined() ? stats.narrow(0, g * channels, channels) : at::Tensor();
 }
 
 // The memory layouts the kernels walk directly: NCHW-contiguous and channels_last. Anything else
@@ -217,6 +238,19 @@ inline void check_relu_cat_args(const at::Tensor& skip, const at::Tensor& x, con
 inline void check_relu_cat_backward_args(const at::Tensor& grad_out, const at::Tensor& skip, const char* op) {
   TORCH_CHECK(same_batch_and_size(grad_out, "grad_out", skip, "skip", op) && skip.size(1) <= grad_out.size(1),
               op, ": grad_out ", grad_out.sizes(), " does not hold skip ", skip.sizes(), " in its first channels");
+}
+
+// Whether each of the groups along dim 0 of t (a dense tensor) is one block of memory: true when the batch is
+// the outermost dimension in memory (NCHW, channels_last, any contiguous tensor) or there is at most one item.
+inline bool batch_outermost(const at::Tensor& t) {
+  return t.dim() == 0 || t.size(0) <= 1 || t.stride(0) * t.size(0) == t.numel();
+}
+
+// gan_losses' targets: at least one group, and as many groups dividing the batch of the logits.
+inline void check_loss_groups(const at::Tensor& logits, int64_t groups, const char* op) {
+  TORCH_CHECK(groups >= 1, op, ": targets_are_real must name the target of at least one group");
+  TORCH_CHECK(logits.dim() >= 1, op, ": logits must have a batch dimension to split into groups, got a 0-dim tensor");
+  check_groups(logits, groups, op);
 }
 
 // The [N, C, H, W] output of an op laid out in `layout`.

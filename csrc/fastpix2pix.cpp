@@ -6,6 +6,10 @@
 //   * `negative_slope` describes the activation: LeakyReLU with that slope, 0 is ReLU, 1 the identity.
 //   * BatchNorm statistics (`mean`, `var`: biased batch variance) are per channel, in float32 for
 //     float32/bfloat16/float16 inputs and float64 for float64 inputs.
+//   * `groups` (BatchNorm ops, default 1) splits the batch into that many equal consecutive parts, each
+//     normalised with its own statistics (as if each were a separate batch: pix2pix's discriminator sees its
+//     fake and real pairs as one batch of two groups). Statistics and their sums then have groups * C values,
+//     group-major (entry g * C + c is channel c of group g); the affine weight and bias stay per channel.
 //   * Outputs documented as "None unless ..." are undefined tensors (None in Python) otherwise.
 //   * Ops never mutate their inputs (so that torch.library.register_autograd applies); running
 //     statistics are updated by the Python wrapper from the returned batch statistics.
@@ -18,24 +22,24 @@
 TORCH_LIBRARY(fastpix2pix, m) {
   // --- fused BatchNorm + activation pieces (per-device kernels) ---------------------------------
   // Per-channel batch mean and biased variance over (N, H, W).
-  m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("bn_stats(Tensor x, int groups=1) -> (Tensor mean, Tensor var)");
   // out = act((x - mean) * rsqrt(var + eps) * weight + bias); weight/bias None means 1/0.
   m.def(
       "bn_act_forward(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
-      "float negative_slope) -> Tensor");
+      "float negative_slope, int groups=1) -> Tensor");
   // The backward's reduction: with dz = grad_out * act'(z), returns per channel
   // sum_dz = sum(dz) (the grad of bias) and sum_dz_xhat = sum(dz * xhat) (the grad of weight).
   m.def(
       "bn_act_backward_reduce(Tensor grad_out, Tensor x, Tensor mean, Tensor var, Tensor? weight, "
-      "Tensor? bias, float eps, float negative_slope) -> (Tensor sum_dz, Tensor sum_dz_xhat)");
+      "Tensor? bias, float eps, float negative_slope, int groups=1) -> (Tensor sum_dz, Tensor sum_dz_xhat)");
   // The backward's apply pass. Training: grad_x = weight * invstd * (dz - sum_dz / count
   // - xhat * sum_dz_xhat / count), where count is the number of values per channel that the
-  // statistics were taken over (larger than N*H*W when they were combined across processes).
+  // statistics were taken over (N*H*W / groups; larger when they were combined across processes).
   // Eval (training=False): grad_x = dz * weight * invstd, and the sums are not read.
   m.def(
       "bn_act_backward_apply(Tensor grad_out, Tensor x, Tensor mean, Tensor var, Tensor? weight, "
       "Tensor? bias, Tensor sum_dz, Tensor sum_dz_xhat, int count, float eps, float negative_slope, "
-      "bool training) -> Tensor");
+      "bool training, int groups=1) -> Tensor");
 
   // --- bias + activation (the norm-free layers) ------------------------------------------------
   m.def("bias_act_forward(Tensor x, Tensor? bias, float negative_slope) -> Tensor");
@@ -59,6 +63,12 @@ TORCH_LIBRARY(fastpix2pix, m) {
   m.def(
       "gan_loss(Tensor logits, bool target_is_real, str mode, bool compute_grad) "
       "-> (Tensor loss, Tensor grad)");
+  // The GAN losses of `logits` split along dim 0 into len(targets_are_real) equal consecutive groups, group g
+  // against target targets_are_real[g]: losses[g] is group g's mean loss, and grad (None unless compute_grad)
+  // holds on group g's elements the gradient of losses[g]. The discriminator's fake and real maps in one op.
+  m.def(
+      "gan_losses(Tensor logits, bool[] targets_are_real, str mode, bool compute_grad) "
+      "-> (Tensor losses, Tensor grad)");
   // weight * mean|pred - target| and its gradient with respect to pred (None unless compute_grad).
   m.def(
       "l1_loss(Tensor pred, Tensor target, float weight, bool compute_grad) "
@@ -75,19 +85,21 @@ TORCH_LIBRARY(fastpix2pix, m) {
       "float beta2, float weight_decay, float eps) -> ()");
 
   // --- blocks: convolution (ATen: oneDNN / cuDNN) + the fused epilogue (blocks.cpp) -------------
-  // Training: batch statistics, returned as mean/var. Eval: running statistics normalise and are
-  // returned (copied). conv_out is the pre-normalisation convolution output, kept for backward.
+  // Training: batch statistics (per group), returned as mean/var. Eval: running statistics normalise every
+  // group alike and are returned (copied, C values). conv_out is the pre-normalisation convolution output,
+  // kept for backward.
   m.def(
       "conv_bn_act(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
       "Tensor? running_var, int[2] stride, int[2] padding, int[2] output_padding, bool transposed, "
-      "bool training, float eps, float negative_slope) "
+      "bool training, float eps, float negative_slope, int groups=1) "
       "-> (Tensor out, Tensor conv_out, Tensor mean, Tensor var)");
-  // output_mask selects (grad_x, grad_weight, grad_bn_weight, grad_bn_bias); unselected are None.
+  // output_mask selects (grad_x, grad_weight, grad_bn_weight, grad_bn_bias); unselected are None. The affine
+  // parameters' gradients are summed over the groups (one weight and bias normalise them all).
   m.def(
       "conv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor conv_out, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor var, int[2] stride, int[2] padding, "
       "int[2] output_padding, bool transposed, bool training, float eps, float negative_slope, "
-      "bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, "
+      "bool[4] output_mask, int groups=1) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, "
       "Tensor grad_bn_bias)");
   m.def(
       "conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "

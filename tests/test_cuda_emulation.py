@@ -23,10 +23,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_cuda_ops import (
+    D_TARGETS,
     FLOAT32_LAYERS,
+    GROUPED_LAYERS,
     IMAGES,
     PATCH_MAPS,
     assert_float32_matches,
+    assert_groups_equal_each_alone,
+    away_from_kink,
     bn_inputs,
     channel_params,
     fused_bias_act,
@@ -35,6 +39,7 @@ from test_cuda_ops import (
     random_inputs,
     reference_bias_act,
     reference_bn_ops,
+    reference_gan_losses,
     reference_loss,
 )
 
@@ -125,6 +130,8 @@ def make(shape, layout: str, dtype: torch.dtype, generator=None, scale=1.0, shif
     if layout == "unaligned":  # NCHW at an odd element offset: the 16-byte vectors must not be used
         flat = draw(n * c * h * w + 1)
         return flat[1:].view(n, c, h, w)
+    if layout == "batch_inner":  # dense, the batch not outermost: its groups are not blocks of memory
+        return draw(c, n, h, w).permute(1, 0, 2, 3)
     raise ValueError(layout)
 
 
@@ -404,6 +411,269 @@ def test_empty_losses_are_nan(emu):
         assert loss.isnan()
 
 
+# --- groups: the batch split into equal consecutive parts, each its own BatchNorm or GAN loss --------------
+#
+# A grouped op is the ungrouped op of each group on its own (fastpix2pix.cpp). So on each group's view (the
+# same memory: the same vector width and grid) the ungrouped op gives bitwise the grouped op's results for
+# that group, in as many kernel launches; and the float64 references are F.batch_norm and reference.gan_loss
+# of each group's chunk.
+
+GROUP_SHAPES = [  # (N, C, H, W) and groups: odd planes, C = 3 (scalar rows), 1x1 spatial, several partials
+    ((4, 8, 5, 7), 2),
+    ((6, 16, 4, 4), 3),
+    ((4, 32, 1, 1), 2),  # walked as channels_last rows: 2 values per channel in each group
+    ((6, 3, 6, 6), 3),
+    ((10, 64, 16, 16), 2),
+    ((6, 4, 32, 32), 3),
+]
+GROUP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# Every (shape, layout) once, the dtype and the emulated device size varying along the list.
+GROUP_CASES = [
+    (shape, groups, layout, GROUP_DTYPES[i % len(GROUP_DTYPES)], SM_COUNTS[(i // 2) % len(SM_COUNTS)])
+    for i, ((shape, groups), layout) in enumerate(itertools.product(GROUP_SHAPES, ("nchw", "channels_last")))
+]
+
+
+def group_case_id(case) -> str:
+    shape, groups, layout, dtype, sms = case
+    return f"{'x'.join(map(str, shape))}-g{groups}-{layout}-{str(dtype).removeprefix('torch.')}-sm{sms}"
+
+
+def other_layout(layout: str) -> str:
+    return "channels_last" if layout == "nchw" else "nchw"
+
+
+@pytest.mark.parametrize("case", GROUP_CASES, ids=group_case_id)
+def test_grouped_bn_ops_match_reference(emu, case, generator):
+    """bn_stats -> forward -> backward_reduce -> backward_apply with groups, against F.batch_norm + activation
+    of each group in float64 (statistics and sums group-major), at the ungrouped tests' tolerances."""
+    shape, groups, layout, dtype, sms = case
+    emu.set_sm_count(sms)
+    slope = 0.2
+    x = make(shape, layout, dtype, generator, scale=2.0, shift=0.5)
+    _, _, weight, bias = bn_params(shape[1], dtype, generator, affine=True)
+    grad = make(shape, other_layout(layout), dtype, generator)
+    grad = away_from_kink(grad, x, weight, bias, slope, groups)
+    expected = reference_bn_ops(x, grad, weight, bias, slope, groups)
+    results = fused_bn_ops(emu, x, grad, weight, bias, slope, groups)
+    assert results["mean"].shape == results["sum_dz"].shape == (groups * shape[1],)
+    wide = dtype == torch.float64
+    stats = {} if wide else {"rtol": 1e-5, "atol": 1e-5}
+    sums = {} if wide else {"rtol": 1e-5, "atol": 1e-4}
+    for name, tolerance in {
+        "mean": stats,
+        "var": stats,
+        "out": output_tolerance(dtype),
+        "sum_dz": sums,
+        "sum_dz_xhat": sums,
+        "grad_x": output_tolerance(dtype),
+    }.items():
+        assert_close(results[name], expected[name], **tolerance)
+
+
+def every_bn_op(emu, x, grad, mean, var, weight, bias, sums, *groups) -> tuple[dict, int]:
+    """Each BatchNorm op's results (bn_stats' where a group has more than one value per channel; apply in
+    training with the given sums, and in eval), with `groups` when given, and the kernel launches made."""
+    eps, slope, no_sums = 1e-5, 0.2, torch.empty(0)
+    count = x.numel() // (x.shape[1] * (groups[0] if groups else 1))
+    launches = emu.launches()
+    results = {
+        "out": emu.bn_act_forward(x, mean, var, weight, bias, eps, slope, *groups),
+        "sum_dz": emu.bn_act_backward_reduce(grad, x, mean, var, weight, bias, eps, slope, *groups)[0],
+        "grad_x": emu.bn_act_backward_apply(
+            grad, x, mean, var, weight, bias, *sums, count, eps, slope, True, *groups
+        ),
+        "grad_x_eval": emu.bn_act_backward_apply(
+            grad, x, mean, var, weight, bias, no_sums, no_sums, 0, eps, slope, False, *groups
+        ),
+    }
+    results["sum_dz_xhat"] = emu.bn_act_backward_reduce(
+        grad, x, mean, var, weight, bias, eps, slope, *groups
+    )[1]
+    if count > 1:
+        results["mean"], results["var"] = emu.bn_stats(x, *groups)
+    return results, emu.launches() - launches
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        *GROUP_CASES,
+        ((2, 8, 1, 1), 2, "nchw", torch.float32, 2),  # one value per channel and group: no bn_stats
+        ((5, 64, 16, 16), 1, "channels_last", torch.bfloat16, 2),  # groups=1 given: the default's results
+        ((3, 16, 4, 4), 1, "unaligned", torch.float32, 1),
+    ],
+    ids=group_case_id,
+)
+def test_grouped_bn_ops_equal_each_group_alone(emu, case, generator):
+    """Given random per-group statistics and sums, every op's grouped results are bitwise those of the
+    ungrouped op on each group's view with that group's statistics and sums, in as many launches."""
+    shape, groups, layout, dtype, sms = case
+    emu.set_sm_count(sms)
+    c = shape[1]
+    x = make(shape, layout, dtype, generator)
+    grad = make(shape, other_layout(layout), dtype, generator)
+    mean, var, weight, bias = bn_params(groups * c, dtype, generator, affine=True)
+    weight, bias = weight[:c], bias[:c]
+    sums = [torch.randn(groups * c, dtype=stats_dtype(dtype), generator=generator) for _ in range(2)]
+    grouped, launches = every_bn_op(emu, x, grad, mean, var, weight, bias, sums, groups)
+    alone, alone_launches = [], 0
+    for g, (part, part_grad) in enumerate(zip(x.chunk(groups), grad.chunk(groups), strict=True)):
+        stats = slice(g * c, (g + 1) * c)
+        results, n = every_bn_op(
+            emu, part, part_grad, mean[stats], var[stats], weight, bias, [s[stats] for s in sums]
+        )
+        alone.append(results)
+        alone_launches += n
+    assert grouped.keys() == alone[0].keys()
+    assert grouped["out"].stride() == grouped["grad_x"].stride() == torch.empty_like(x).stride()
+    assert_groups_equal_each_alone(grouped, alone, groups)
+    assert launches == alone_launches
+
+
+@pytest.mark.parametrize("sms", SM_COUNTS)
+def test_grouped_reductions_have_several_partial_states_per_group(emu, sms, generator):
+    """The shape of test_bn_stats_is_deterministic in 2 groups: with more than one partial state per group and
+    channel (a merge launch each), each group's statistics still equal those of the group alone."""
+    emu.set_sm_count(sms)
+    x = make((10, 64, 16, 16), "channels_last", torch.bfloat16, generator)
+    before = emu.launches()
+    mean, var = emu.bn_stats(x, 2)
+    assert emu.launches() - before == 4  # per group: the partials, then their merge
+    for g, part in enumerate(x.chunk(2)):
+        part_mean, part_var = emu.bn_stats(part)
+        assert torch.equal(mean[g * 64 : (g + 1) * 64], part_mean)
+        assert torch.equal(var[g * 64 : (g + 1) * 64], part_var)
+
+
+def test_grouped_bn_ops_check_their_arguments(emu):
+    x = torch.randn(6, 4, 3, 3)
+    stats = torch.zeros(12), torch.ones(12)  # 3 groups of 4 channels
+    sums = torch.zeros(12), torch.zeros(12)
+    eps, slope = 1e-5, 0.2
+
+    def every_op(groups, mean=stats[0], var=stats[1], weight=None, sum_dz=sums[0]):
+        yield lambda: emu.bn_stats(x, groups)
+        yield lambda: emu.bn_act_forward(x, mean, var, weight, None, eps, slope, groups)
+        yield lambda: emu.bn_act_backward_reduce(x, x, mean, var, weight, None, eps, slope, groups)
+        yield lambda: emu.bn_act_backward_apply(
+            x, x, mean, var, weight, None, sum_dz, sums[1], 18, eps, slope, True, groups
+        )
+
+    for groups, message in ((0, "groups must be >= 1, got 0"), (-2, "groups must be >= 1, got -2")):
+        for op in every_op(groups):
+            with pytest.raises(RuntimeError, match=message):
+                op()
+    for op in every_op(4):
+        with pytest.raises(RuntimeError, match=r"the batch of \[6, 4, 3, 3\] does not split into groups=4"):
+            op()
+    for op in list(every_op(2))[1:]:  # 12 statistics are 3 groups', not 2 groups'
+        with pytest.raises(RuntimeError, match=r"mean must have shape \(8\), got \[12\]"):
+            op()
+    with pytest.raises(RuntimeError, match=r"var must have shape \(12\), got \[4\]"):
+        emu.bn_act_forward(x, stats[0], stats[1][:4], None, None, eps, slope, 3)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(4\), got \[12\]"):
+        list(every_op(3, weight=torch.ones(12)))[1]()
+    with pytest.raises(RuntimeError, match=r"sum_dz must have shape \(12\), got \[4\]"):
+        list(every_op(3, sum_dz=sums[0][:4]))[3]()
+    with pytest.raises(
+        RuntimeError, match=r"more than 1 value per channel .* size \[2, 8, 1, 1\] split into 2 groups"
+    ):
+        emu.bn_stats(torch.randn(2, 8, 1, 1), 2)
+
+
+def test_grouped_empty_inputs(emu):
+    """No values: NaN statistics and zero sums for every group and channel, empty outputs."""
+    for empty in (torch.empty(0, 3, 2, 2), torch.empty(2, 3, 0, 4)):
+        mean, var = emu.bn_stats(empty, 2)
+        assert mean.shape == var.shape == (6,) and mean.isnan().all() and var.isnan().all()
+        assert emu.bn_act_forward(empty, mean, var, None, None, 1e-5, 0.2, 2).shape == empty.shape
+        sums = emu.bn_act_backward_reduce(empty, empty, mean, var, None, None, 1e-5, 0.2, 2)
+        assert all(s.tolist() == [0.0] * 6 for s in sums)
+        grad = emu.bn_act_backward_apply(empty, empty, mean, var, None, None, *sums, 0, 1e-5, 0.2, True, 2)
+        assert grad.shape == empty.shape
+    losses, grad = emu.gan_losses(torch.empty(0, 1, 3, 3), [True, False], "vanilla", True)
+    assert losses.shape == (2,) and losses.isnan().all() and grad.shape == (0, 1, 3, 3)
+
+
+GAN_GROUP_SHAPES = [  # (N, C, H, W) and the targets of the groups
+    ((4, 3, 5, 7), D_TARGETS),
+    ((6, 1, 4, 4), [True, False, True]),
+    ((2, 1, 30, 30), D_TARGETS),  # a group of 900: whole float32 vectors, not bf16 ones
+    ((3, 2, 8, 8), [False, False, True]),
+    ((4, 8, 5, 7), [True]),
+    ((1, 1, 4, 4), [False]),
+    ((32, 1, 30, 30), D_TARGETS),  # the D step at batch 16: several partial states per group
+]
+# Walked in place (nchw, channels_last, permuted, unaligned) or as a contiguous copy (strided: not dense;
+# batch_inner: the groups are not blocks of memory).
+GAN_GROUP_LAYOUTS = ("nchw", "channels_last", "permuted", "unaligned", "strided", "batch_inner")
+GAN_GROUP_CASES = [
+    (
+        shape,
+        targets,
+        layout,
+        DTYPES[i % len(DTYPES)],
+        SM_COUNTS[i % len(SM_COUNTS)],
+        ("vanilla", "lsgan")[i % 2],
+    )
+    for i, ((shape, targets), layout) in enumerate(itertools.product(GAN_GROUP_SHAPES, GAN_GROUP_LAYOUTS))
+]
+
+
+def gan_group_case_id(case) -> str:
+    shape, targets, layout, dtype, sms, mode = case
+    return (
+        f"{'x'.join(map(str, shape))}-g{len(targets)}-{layout}-{str(dtype).removeprefix('torch.')}"
+        f"-sm{sms}-{mode}"
+    )
+
+
+def groups_are_blocks(t: torch.Tensor) -> bool:
+    """Whether the groups along dim 0 of t (dense) are blocks of memory: the batch outermost in memory."""
+    return t.shape[0] <= 1 or t.stride(0) * t.shape[0] == t.numel()
+
+
+@pytest.mark.parametrize("case", GAN_GROUP_CASES, ids=gan_group_case_id)
+def test_gan_losses(emu, case, generator):
+    """Each group's loss and gradient against reference.gan_loss of its chunk in float64, and bitwise the
+    ungrouped gan_loss of the group's view (the loss where both walk the same memory: a sum's order follows
+    the vector width; the gradient everywhere: it is elementwise). The gradient has empty_like's strides, or
+    is contiguous when the groups are not blocks of memory."""
+    shape, targets, layout, dtype, sms, mode = case
+    groups = len(targets)
+    emu.set_sm_count(sms)
+    logits = make(shape, layout, dtype, generator, scale=8.0)  # |logits| up to ~30: the stable forms matter
+    losses, grad = emu.gan_losses(logits, targets, mode, True)
+    assert losses.dtype == stats_dtype(dtype) and losses.shape == (groups,)
+    in_blocks = groups == 1 or groups_are_blocks(torch.empty_like(logits))
+    assert grad.stride() == (torch.empty_like(logits) if in_blocks else torch.empty(shape)).stride()
+    expected = reference_gan_losses(logits, targets, mode)
+    assert_close(losses, expected["loss"], **({} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}))
+    assert_close(grad, expected["grad"], **output_tolerance(dtype))
+
+    alone = [
+        emu.gan_loss(part, real, mode, True) for part, real in zip(logits.chunk(groups), targets, strict=True)
+    ]
+    assert_groups_equal_each_alone({"grad": grad}, [{"grad": a[1]} for a in alone], groups)
+    if layout != "strided" and (groups == 1 or groups_are_blocks(logits)):  # walked in place
+        assert_groups_equal_each_alone({"loss": losses}, [{"loss": a[0]} for a in alone], groups)
+    losses_only, no_grad = emu.gan_losses(logits, targets, mode, False)
+    assert no_grad is None and torch.equal(losses_only, losses)
+
+
+def test_gan_losses_check_their_arguments(emu):
+    logits = torch.randn(4, 1, 3, 3)
+    with pytest.raises(RuntimeError, match="targets_are_real must name the target of at least one group"):
+        emu.gan_losses(logits, [], "vanilla", True)
+    with pytest.raises(RuntimeError, match=r"the batch of \[4, 1, 3, 3\] does not split into groups=3"):
+        emu.gan_losses(logits, [True, False, True], "vanilla", True)
+    with pytest.raises(RuntimeError, match="batch dimension"):
+        emu.gan_losses(torch.tensor(0.5), [True], "vanilla", True)
+    with pytest.raises(RuntimeError, match='mode must be "vanilla" or "lsgan"'):
+        emu.gan_losses(logits, D_TARGETS, "wgan", True)
+
+
 # --- NaN and infinity: the derivatives PyTorch takes there (see test_ops.py) -----------------------------
 #
 # ReLU's backward passes the gradient at a NaN input (threshold_backward tests out <= 0, false for NaN),
@@ -574,6 +844,29 @@ def test_l1_loss_float32_matches_reference_at_pix2pix_sizes(emu, image, layout, 
     pred, target = random_inputs(IMAGES[image], MEMORY_FORMATS[layout], "cpu", generator)
     expected = reference_loss(lambda p, t: reference_l1_loss(p, t, 100.0), pred, target)
     assert_float32_matches(fused_loss(emu.l1_loss, pred, target, 100.0, True), expected)
+
+
+# The grouped ops at the discriminator's sizes of a batch-1 pair (the batch-16 level is for the GPU).
+@pytest.mark.parametrize("layout", MEMORY_FORMATS)
+@pytest.mark.parametrize("layer", ["d2_b1", "d3_b1"])
+def test_grouped_bn_ops_float32_match_reference_at_pix2pix_sizes(emu, layer, layout, generator):
+    emu.set_sm_count(GPU_SMS)
+    shape, slope = GROUPED_LAYERS[layer]
+    x, grad, weight, bias = bn_inputs(shape, MEMORY_FORMATS[layout], slope, "cpu", generator, groups=2)
+    expected = reference_bn_ops(x, grad, weight, bias, slope, groups=2)
+    assert_float32_matches(fused_bn_ops(emu, x, grad, weight, bias, slope, groups=2), expected)
+
+
+@pytest.mark.parametrize("layout", MEMORY_FORMATS)
+@pytest.mark.parametrize("mode", ["vanilla", "lsgan"])
+@pytest.mark.parametrize("patch_map", PATCH_MAPS)
+def test_gan_losses_float32_match_reference_at_pix2pix_sizes(emu, patch_map, mode, layout, generator):
+    emu.set_sm_count(GPU_SMS)
+    n, c, h, w = PATCH_MAPS[patch_map]
+    (logits,) = random_inputs((2 * n, c, h, w), MEMORY_FORMATS[layout], "cpu", generator, count=1)
+    logits = logits * 3
+    expected = reference_gan_losses(logits, D_TARGETS, mode)
+    assert_float32_matches(fused_loss(emu.gan_losses, logits, D_TARGETS, mode, True), expected)
 
 
 # --- the optimizer kernel: adam_master_step_ ------------------------------------------------------------

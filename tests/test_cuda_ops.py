@@ -398,19 +398,44 @@ def assert_float32_matches(results: dict, expected: dict) -> None:
         )
 
 
-def bn_inputs(shape, memory_format, slope, device, generator=None):
-    """x (mean 0.5, spread 2), grad_out, weight and bias of a BatchNorm layer, with grad_out zeroed near the
-    kink (KINK_MARGIN) so that the float32 and float64 activations differentiate the same branch."""
+def batch_norm_by_group(x, weight, bias, groups=1):
+    """Training-mode F.batch_norm of each of `groups` equal consecutive parts of the batch on its own: what
+    the grouped BatchNorm ops compute."""
+    return torch.cat(
+        [F.batch_norm(part, None, None, weight, bias, True, 0.0, EPS) for part in x.chunk(groups)]
+    )
+
+
+def away_from_kink(grad, x, weight, bias, slope, groups=1):
+    """grad_out zeroed near the activation's kink (KINK_MARGIN), so that the float32 and float64 activations
+    differentiate the same branch."""
+    if slope == 1.0:
+        return grad
+    wd, bd = (t.double() if t is not None else None for t in (weight, bias))
+    z = batch_norm_by_group(x.double(), wd, bd, groups)
+    return grad.masked_fill(z.abs() < KINK_MARGIN, 0)
+
+
+def bn_inputs(shape, memory_format, slope, device, generator=None, groups=1):
+    """x (mean 0.5, spread 2), grad_out, weight and bias of a BatchNorm layer (of `groups` groups), with
+    grad_out zeroed near the kink (away_from_kink)."""
     x, grad = random_inputs(shape, memory_format, device, generator)
     x = x * 2 + 0.5
     weight, bias = channel_params(shape[1], device, generator)
-    z = F.batch_norm(x.double(), None, None, weight.double(), bias.double(), True, 0.0, EPS)
-    grad = grad.masked_fill(z.abs() < KINK_MARGIN, 0) if slope != 1.0 else grad
-    return x, grad, weight, bias
+    return x, away_from_kink(grad, x, weight, bias, slope, groups), weight, bias
 
 
-def reference_bn_ops(x, grad, weight, bias, slope) -> dict:
-    """The BN ops' results, from BatchNorm + activation in float64 differentiated by autograd."""
+def reference_bn_ops(x, grad, weight, bias, slope, groups=1) -> dict:
+    """The BN ops' results, from BatchNorm + activation in float64 differentiated by autograd; with groups,
+    those of each group on its own, one group after another (the statistics and sums group-major)."""
+    parts = [
+        reference_bn_group(part, part_grad, weight, bias, slope)
+        for part, part_grad in zip(x.chunk(groups), grad.chunk(groups), strict=True)
+    ]
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+def reference_bn_group(x, grad, weight, bias, slope) -> dict:
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, weight, bias))
     out = reference.activation(F.batch_norm(xd, None, None, wd, bd, True, 0.0, EPS), slope)
     out.backward(grad.double())
@@ -418,21 +443,23 @@ def reference_bn_ops(x, grad, weight, bias, slope) -> dict:
     return {
         "mean": mean,
         "var": var,
-        "out": out,
+        "out": out.detach(),
         "sum_dz": bd.grad,
         "sum_dz_xhat": wd.grad,
         "grad_x": xd.grad,
     }
 
 
-def fused_bn_ops(lib, x, grad, weight, bias, slope) -> dict:
-    """bn_stats -> bn_act_forward -> bn_act_backward_reduce -> bn_act_backward_apply (training)."""
-    mean, var = lib.bn_stats(x)
-    out = lib.bn_act_forward(x, mean, var, weight, bias, EPS, slope)
-    sum_dz, sum_dz_xhat = lib.bn_act_backward_reduce(grad, x, mean, var, weight, bias, EPS, slope)
-    count = x.numel() // x.shape[1]
+def fused_bn_ops(lib, x, grad, weight, bias, slope, groups=1) -> dict:
+    """bn_stats -> bn_act_forward -> bn_act_backward_reduce -> bn_act_backward_apply (training), of `groups`
+    groups (passed only when not 1: the default of the op schemas and of the emulation's functions)."""
+    by_group = (groups,) if groups != 1 else ()
+    mean, var = lib.bn_stats(x, *by_group)
+    out = lib.bn_act_forward(x, mean, var, weight, bias, EPS, slope, *by_group)
+    sum_dz, sum_dz_xhat = lib.bn_act_backward_reduce(grad, x, mean, var, weight, bias, EPS, slope, *by_group)
+    count = x.numel() // (x.shape[1] * groups)
     grad_x = lib.bn_act_backward_apply(
-        grad, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, EPS, slope, True
+        grad, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, EPS, slope, True, *by_group
     )
     assert out.stride() == grad_x.stride() == x.stride()
     return {
@@ -528,6 +555,121 @@ def test_l1_loss_float32_matches_reference_at_pix2pix_sizes(ops, image, memory_f
     with poisoned_outputs():
         results = fused_loss(torch.ops.fastpix2pix.l1_loss, pred, target, 100.0, True)
     assert_float32_matches(results, expected)
+
+
+# --- groups: the discriminator's fake and real batches as one batch of two groups -------------------------
+#
+# A grouped op is the ungrouped op of each group on its own (fastpix2pix.cpp): against the float64 reference
+# of each group, and bit for bit the ungrouped op on each group's view (the same memory, so the same vector
+# width and grid). test_cuda_emulation.py runs the same checks on the CPU.
+
+# PatchGAN levels of a 256x256 pair (N, C, H, W) with the fake and the real batch as 2 groups: the second and
+# third level at batch 1, the fourth (stride 1, odd planes) at batch 16.
+GROUPED_LAYERS = {
+    "d2_b1": ((2, 128, 64, 64), 0.2),
+    "d3_b1": ((2, 256, 32, 32), 0.2),
+    "d4_b16": ((32, 512, 31, 31), 0.2),
+}
+# The targets of the discriminator's output for a fake and a real batch: the fake half, then the real one.
+D_TARGETS = [False, True]
+
+
+def reference_gan_losses(logits, targets_are_real, mode) -> dict:
+    """reference.gan_loss of each group in float64, and on each group's elements the gradient of its loss."""
+    x = logits.detach().double().requires_grad_()
+    parts = x.chunk(len(targets_are_real))
+    losses = torch.stack(
+        [reference.gan_loss(part, real, mode) for part, real in zip(parts, targets_are_real, strict=True)]
+    )
+    losses.sum().backward()  # the groups are disjoint: each element's gradient is its own group's
+    return {"loss": losses.detach(), "grad": x.grad}
+
+
+def assert_groups_equal_each_alone(grouped: dict, alone: list[dict], groups: int) -> None:
+    """Each of the grouped results, cut into its groups (along the batch, or the group-major vectors), is
+    bitwise the result of the ungrouped op on that group alone."""
+    for name, value in grouped.items():
+        for g, (part, single) in enumerate(zip(value.chunk(groups), (a[name] for a in alone), strict=True)):
+            assert torch.equal(part, single.reshape(part.shape)), f"{name}, group {g}"
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("layer", GROUPED_LAYERS)
+def test_grouped_bn_ops_float32_match_reference_at_pix2pix_sizes(ops, layer, memory_format):
+    shape, slope = GROUPED_LAYERS[layer]
+    x, grad, weight, bias = bn_inputs(shape, memory_format, slope, "cuda", groups=2)
+    expected = reference_bn_ops(x, grad, weight, bias, slope, groups=2)
+    with poisoned_outputs():
+        results = fused_bn_ops(torch.ops.fastpix2pix, x, grad, weight, bias, slope, groups=2)
+    assert_float32_matches(results, expected)
+
+
+@pytest.mark.parametrize(
+    "dtype, memory_format",
+    [(torch.bfloat16, torch.channels_last), (torch.float32, torch.contiguous_format)],
+    ids=["bf16-channels_last", "float32-nchw"],
+)
+@pytest.mark.parametrize("groups", [2, 3])
+def test_grouped_bn_ops_equal_each_group_alone(ops, groups, dtype, memory_format):
+    shape = (6, 128, 64, 64)
+    x, grad, weight, bias = bn_inputs(shape, memory_format, 0.2, "cuda", groups=groups)
+    x, grad = x.to(dtype), grad.to(dtype)
+    with poisoned_outputs():
+        grouped = fused_bn_ops(torch.ops.fastpix2pix, x, grad, weight, bias, 0.2, groups)
+    assert_written(*grouped.values())
+    alone = [
+        fused_bn_ops(torch.ops.fastpix2pix, part, part_grad, weight, bias, 0.2)
+        for part, part_grad in zip(x.chunk(groups), grad.chunk(groups), strict=True)
+    ]
+    assert_groups_equal_each_alone(grouped, alone, groups)
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["vanilla", "lsgan"])
+@pytest.mark.parametrize("patch_map", PATCH_MAPS)
+def test_gan_losses_float32_match_reference_at_pix2pix_sizes(ops, patch_map, mode, memory_format):
+    n, c, h, w = PATCH_MAPS[patch_map]
+    (logits,) = random_inputs((2 * n, c, h, w), memory_format, "cuda", count=1)
+    logits = logits * 3
+    expected = reference_gan_losses(logits, D_TARGETS, mode)
+    with poisoned_outputs():
+        results = fused_loss(torch.ops.fastpix2pix.gan_losses, logits, D_TARGETS, mode, True)
+    assert results["loss"].shape == (2,)
+    assert_float32_matches(results, expected)
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("targets", [D_TARGETS, [True, False, True]], ids=["fake_real", "three"])
+def test_gan_losses_equal_each_group_alone(ops, targets, dtype, memory_format):
+    lib = torch.ops.fastpix2pix
+    logits = (3 * torch.randn(16 * len(targets), 1, 30, 30, device="cuda")).to(dtype)
+    logits = logits.contiguous(memory_format=memory_format)
+    with poisoned_outputs():
+        losses, grad = lib.gan_losses(logits, targets, "vanilla", True)
+    assert_written(losses, grad)
+    assert losses.dtype == torch.float32 and grad.stride() == logits.stride()
+    alone = [
+        dict(zip(("loss", "grad"), lib.gan_loss(part, real, "vanilla", True), strict=True))
+        for part, real in zip(logits.chunk(len(targets)), targets, strict=True)
+    ]
+    assert_groups_equal_each_alone({"loss": losses, "grad": grad}, alone, len(targets))
+
+
+def test_grouped_ops_do_not_synchronise(ops):
+    """The D step's grouped ops (BatchNorm pieces and the fake/real losses) under sync-debug mode "error"."""
+    lib = torch.ops.fastpix2pix
+    x, grad, weight, bias = bn_inputs((4, 128, 16, 16), torch.channels_last, 0.2, "cuda", groups=2)
+    x, grad = x.bfloat16(), grad.bfloat16()
+    logits = torch.randn(4, 1, 30, 30, device="cuda", dtype=torch.bfloat16)
+    fused_bn_ops(lib, x, grad, weight, bias, 0.2, 2)  # warm-up: allocator pools
+    lib.gan_losses(logits, D_TARGETS, "vanilla", True)
+    torch.cuda.synchronize()
+    with sync_is_error(), poisoned_outputs():
+        results = fused_bn_ops(lib, x, grad, weight, bias, 0.2, 2)
+        losses, logits_grad = lib.gan_losses(logits, D_TARGETS, "lsgan", True)
+    torch.cuda.synchronize()
+    assert_written(*results.values(), losses, logits_grad)
 
 
 # --- layouts and shapes the kernels treat specially --------------------------------------------------------

@@ -19,7 +19,7 @@ pytestmark = [
 ]
 
 
-def counted_iteration() -> TopLevelOps:
+def counted_iteration(pairs_as_one_batch: bool = False) -> TopLevelOps:
     opt = TrainOptions(netG="unet_128", ngf=8, ndf=8, device="cpu")
     config = FastPathConfig.for_device("cpu", bf16=True, channels_last=True)
     torch.manual_seed(0)
@@ -29,7 +29,7 @@ def counted_iteration() -> TopLevelOps:
     A, B = (torch.randn(1, 3, 128, 128).contiguous(memory_format=torch.channels_last) for _ in "AB")
     step = FastStep(
         nets, build_fast_optimizers(nets, opt, config), Objective(backend="fused"), lambda: (A, B),
-        bf16=True, loss_rows=4,
+        bf16=True, loss_rows=4, pairs_as_one_batch=pairs_as_one_batch,
     )  # fmt: skip
     step()  # Adam's lazy state
     counter = TopLevelOps()
@@ -85,3 +85,19 @@ def test_bf16_loss_and_bias_gradients_take_no_cast() -> None:
         ops.conv_bias_act(x, weight, bias, padding=(1, 1), negative_slope=0.2).sum().backward()
     assert counter.kinds["cast"] == 0, counter.names
     assert logits.grad.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32
+
+
+def test_the_d_steps_pairs_as_one_batch_take_half_its_blocks() -> None:
+    """D's fake and real pairs in one forward: D's 5 blocks run twice per iteration instead of three times
+    (forward and backward), one gan_losses replaces the D step's two gan_loss calls, the two passes' weight
+    gradients are no longer summed (one add per D parameter: 10 for the PatchGAN with BatchNorm), and the
+    running statistics still take 3 foreach calls per kind (the second group's updates wait one round)."""
+    separate, one = counted_iteration(False).names, counted_iteration(True).names
+    for op in ("conv_bn_act", "conv_bn_act_backward"):
+        assert separate[f"fastpix2pix::{op}"] - one[f"fastpix2pix::{op}"] == 3, (separate, one)
+    for op in ("conv_bias_act", "conv_bias_act_backward"):
+        assert separate[f"fastpix2pix::{op}"] - one[f"fastpix2pix::{op}"] == 2, (separate, one)
+    assert separate["fastpix2pix::gan_loss"] == 3 and one["fastpix2pix::gan_loss"] == 1, (separate, one)
+    assert one["fastpix2pix::gan_losses"] == 1, one
+    assert separate["aten::add.Tensor"] - one["aten::add.Tensor"] >= 10, (separate, one)
+    assert one["aten::_foreach_lerp_.Scalar"] == separate["aten::_foreach_lerp_.Scalar"] == 3, (separate, one)

@@ -500,6 +500,59 @@ def opcheck_samples(device):
             (torch.randn(2, 8, 5, 4, device=device).contiguous(memory_format=torch.channels_last), x_cl),
         ),
         ("relu_cat_backward", (torch.randn(2, 8, 5, 4, device=device), x)),
+        *grouped_samples(device),
+    ]
+
+
+def grouped_samples(device):
+    """The BatchNorm ops with groups=2 (statistics of 2 * C values) and the two-target GAN loss."""
+    x = torch.randn(4, 3, 5, 4, device=device).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)
+    mean, var = lib.bn_stats(x, 2)
+    grad = torch.randn_like(x)
+    sums = lib.bn_act_backward_reduce(grad, x, mean, var, weight, bias, EPS, 0.2, 2)
+    conv_x = torch.randn(4, 3, 6, 5, device=device)
+    conv_w = torch.randn(4, 3, 3, 3, device=device)
+    conv_args = ([1, 1], [1, 1], [0, 0], False)
+    conv_out = torch.ops.aten.convolution(conv_x, conv_w, None, *conv_args[:2], [1, 1], False, [0, 0], 1)
+    bn_weight, bn_bias = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    rq = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    logits = torch.randn(4, 1, 3, 3, device=device)
+    return [
+        ("bn_stats", (x, 2)),
+        ("bn_act_forward", (x, mean, var, weight, bias, EPS, 0.2, 2)),
+        ("bn_act_backward_reduce", (grad, x, mean, var, weight, bias, EPS, 0.2, 2)),
+        ("bn_act_backward_apply", (grad, x, mean, var, weight, bias, *sums, 40, EPS, 0.2, True, 2)),
+        (
+            "conv_bn_act",
+            (rq(conv_x), rq(conv_w), rq(bn_weight), rq(bn_bias), None, None, *conv_args, True, EPS, 0.2, 2),
+        ),
+        (
+            "conv_bn_act_backward",
+            (
+                torch.randn_like(conv_out),
+                conv_x,
+                conv_w,
+                conv_out,
+                bn_weight,
+                bn_bias,
+                *lib.bn_stats(conv_out, 2),
+                *conv_args,
+                True,
+                EPS,
+                0.2,
+                [True, True, True, True],
+                2,
+            ),
+        ),
+        ("gan_losses", (rq(logits), [False, True], "vanilla", True)),
+        ("gan_losses", (rq(logits.contiguous(memory_format=torch.channels_last)), [True], "lsgan", True)),
+        ("gan_losses", (logits, [True, False, True, False], "lsgan", False)),
+        # The batch innermost in memory: the groups are walked (and the gradient written) contiguous.
+        (
+            "gan_losses",
+            (rq(torch.randn(1, 3, 3, 4, device=device).permute(3, 0, 1, 2)), [False, True], "vanilla", True),
+        ),
     ]
 
 
@@ -551,7 +604,7 @@ def conv_backward_samples(device):
 OPCHECK_OPS = [
     "bn_stats", "bn_act_forward", "bn_act_backward_reduce", "bn_act_backward_apply", "bias_act_forward",
     "bias_act_backward", "gan_loss", "l1_loss", "conv_bn_act", "conv_bn_act_backward", "conv_bias_act",
-    "conv_bias_act_backward", "adam_master_step_", "relu_cat", "relu_cat_backward",
+    "conv_bias_act_backward", "adam_master_step_", "relu_cat", "relu_cat_backward", "gan_losses",
 ]  # fmt: skip
 
 

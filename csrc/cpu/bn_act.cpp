@@ -10,6 +10,7 @@
 #include <limits>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/cpu_kernel_utils.h"
@@ -245,68 +246,103 @@ ChannelArray<double> bias_act_backward_kernel(const Tensor& grad_out, const Tens
 
 // --- the ops: validation, layouts, dtype dispatch ------------------------------------------------------
 
-std::tuple<Tensor, Tensor> bn_stats(const Tensor& x) {
+// Per group of the batch (check_groups), the group's [C] results of `per_group(g)` concatenated group-major: a
+// grouped BatchNorm is `groups` BatchNorms of the groups' batches, each walking a view of x.
+template <typename PerGroup>
+std::vector<Tensor> by_group(int64_t groups, const PerGroup& per_group) {
+  std::vector<Tensor> first, second;
+  for (int64_t g = 0; g < groups; ++g) {
+    auto [a, b] = per_group(g);
+    first.push_back(std::move(a));
+    second.push_back(std::move(b));
+  }
+  if (groups == 1) {
+    return {first[0], second[0]};
+  }
+  return {at::cat(first), at::cat(second)};
+}
+
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, int64_t groups) {
   constexpr const char* op = "fastpix2pix::bn_stats";
   check_4d(x, op, "x");
   check_floating(x, op, "x");
-  check_values_per_channel(x, op);
+  check_groups(x, groups, op);
+  check_values_per_channel(x, op, groups);
   const Layout layout = walk_layout(x);
   const Tensor input = in_layout(x, layout);
-  std::tuple<Tensor, Tensor> stats;
-  FASTPIX2PIX_DISPATCH_FLOATING(x.scalar_type(), op,
-                                [&] { stats = bn_stats_kernel<scalar_t>(input, layout); });
-  return stats;
+  const auto stats = by_group(groups, [&](int64_t g) {
+    std::tuple<Tensor, Tensor> group_stats;
+    FASTPIX2PIX_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
+      group_stats = bn_stats_kernel<scalar_t>(batch_group(input, groups, g), layout);
+    });
+    return group_stats;
+  });
+  return {stats[0], stats[1]};
 }
 
 Tensor bn_act_forward(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
-                      const OptTensor& bias, double eps, double negative_slope) {
+                      const OptTensor& bias, double eps, double negative_slope, int64_t groups) {
   constexpr const char* op = "fastpix2pix::bn_act_forward";
-  check_bn_args(x, mean, var, weight, bias, op);
+  check_bn_args(x, mean, var, weight, bias, op, groups);
   const OutputLike out(x);
   const Tensor input = in_layout(x, out.layout);
+  const int64_t channels = x.size(1);
   FASTPIX2PIX_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
-    const Normalization<acc_t<scalar_t>> norm(mean, var, weight, bias, eps);
-    bn_act_forward_kernel<scalar_t>(input, out.buffer, out.layout, norm, negative_slope);
+    for (int64_t g = 0; g < groups; ++g) {
+      const Normalization<acc_t<scalar_t>> norm(stats_group(mean, channels, g), stats_group(var, channels, g),
+                                                weight, bias, eps);
+      bn_act_forward_kernel<scalar_t>(batch_group(input, groups, g), batch_group(out.buffer, groups, g),
+                                      out.layout, norm, negative_slope);
+    }
   });
   return out.finish();
 }
 
 std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out, const Tensor& x, const Tensor& mean,
                                                   const Tensor& var, const OptTensor& weight,
-                                                  const OptTensor& bias, double eps, double negative_slope) {
+                                                  const OptTensor& bias, double eps, double negative_slope,
+                                                  int64_t groups) {
   constexpr const char* op = "fastpix2pix::bn_act_backward_reduce";
-  check_bn_args(x, mean, var, weight, bias, op);
+  check_bn_args(x, mean, var, weight, bias, op, groups);
   check_grad_out(x, grad_out, op);
   const Layout layout = walk_layout(x);
   const Tensor input = in_layout(x, layout);
   const Tensor grad = in_layout(grad_out, layout);
-  std::tuple<Tensor, Tensor> sums;
-  FASTPIX2PIX_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
-    const Normalization<acc_t<scalar_t>> norm(mean, var, weight, bias, eps);
-    auto [sum_dz, sum_dz_centered] =
-        bn_act_backward_sums<scalar_t>(grad, input, layout, norm, negative_slope);
-    if (x.numel() > 0) {  // an empty batch's sums are 0, whatever its (NaN) statistics
-      for (int64_t c = 0; c < sum_dz_centered.size(); ++c) {
-        sum_dz_centered[c] *= norm.invstd[c];  // sum(dz * xhat)
+  const int64_t channels = x.size(1);
+  const auto sums = by_group(groups, [&](int64_t g) {
+    std::tuple<Tensor, Tensor> group_sums;
+    FASTPIX2PIX_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
+      const Normalization<acc_t<scalar_t>> norm(stats_group(mean, channels, g), stats_group(var, channels, g),
+                                                weight, bias, eps);
+      const Tensor group_input = batch_group(input, groups, g);
+      auto [sum_dz, sum_dz_centered] = bn_act_backward_sums<scalar_t>(
+          batch_group(grad, groups, g), group_input, layout, norm, negative_slope);
+      if (group_input.numel() > 0) {  // an empty batch's sums are 0, whatever its (NaN) statistics
+        for (int64_t c = 0; c < sum_dz_centered.size(); ++c) {
+          sum_dz_centered[c] *= norm.invstd[c];  // sum(dz * xhat)
+        }
       }
-    }
-    const auto options = x.options().dtype(stats_dtype(x));
-    sums = {sum_dz.to_tensor(options), sum_dz_centered.to_tensor(options)};
+      const auto options = x.options().dtype(stats_dtype(x));
+      group_sums = {sum_dz.to_tensor(options), sum_dz_centered.to_tensor(options)};
+    });
+    return group_sums;
   });
-  return sums;
+  return {sums[0], sums[1]};
 }
 
 Tensor bn_act_backward_apply(const Tensor& grad_out, const Tensor& x, const Tensor& mean, const Tensor& var,
                              const OptTensor& weight, const OptTensor& bias, const Tensor& sum_dz,
                              const Tensor& sum_dz_xhat, int64_t count, double eps, double negative_slope,
-                             bool training) {
+                             bool training, int64_t groups) {
   constexpr const char* op = "fastpix2pix::bn_act_backward_apply";
-  check_bn_args(x, mean, var, weight, bias, op);
+  check_bn_args(x, mean, var, weight, bias, op, groups);
   check_grad_out(x, grad_out, op);
   const int64_t channels = x.size(1);
   if (training) {  // eval reads neither the sums nor the count (they may be undefined there)
-    check_channel_vector(x, sum_dz, channels, op, "sum_dz");
-    check_channel_vector(x, sum_dz_xhat, channels, op, "sum_dz_xhat");
+    TORCH_CHECK(sum_dz.defined() && sum_dz_xhat.defined(), op,
+                ": training needs sum_dz and sum_dz_xhat (from bn_act_backward_reduce)");
+    check_channel_vector(x, sum_dz, groups * channels, op, "sum_dz");
+    check_channel_vector(x, sum_dz_xhat, groups * channels, op, "sum_dz_xhat");
     TORCH_CHECK(count > 0 || x.numel() == 0, op, ": count must be positive in training, got ", count);
   }
   const OutputLike grad_x(x);
@@ -314,18 +350,22 @@ Tensor bn_act_backward_apply(const Tensor& grad_out, const Tensor& x, const Tens
   const Tensor grad = in_layout(grad_out, grad_x.layout);
   FASTPIX2PIX_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
     using acc = acc_t<scalar_t>;
-    const Normalization<acc> norm(mean, var, weight, bias, eps);
-    std::optional<StatsGradient<acc>> stats_grad;
-    if (training) {
-      stats_grad = StatsGradient<acc>{ChannelArray<acc>(sum_dz, channels, acc(0)),
-                                      ChannelArray<acc>(sum_dz_xhat, channels, acc(0))};
-      for (int64_t c = 0; c < channels; ++c) {
-        stats_grad->mean_dz[c] /= acc(count);
-        stats_grad->centered_coef[c] *= norm.invstd[c] / acc(count);
+    for (int64_t g = 0; g < groups; ++g) {
+      const Normalization<acc> norm(stats_group(mean, channels, g), stats_group(var, channels, g), weight, bias,
+                                    eps);
+      std::optional<StatsGradient<acc>> stats_grad;
+      if (training) {
+        stats_grad = StatsGradient<acc>{ChannelArray<acc>(stats_group(sum_dz, channels, g), channels, acc(0)),
+                                        ChannelArray<acc>(stats_group(sum_dz_xhat, channels, g), channels, acc(0))};
+        for (int64_t c = 0; c < channels; ++c) {
+          stats_grad->mean_dz[c] /= acc(count);
+          stats_grad->centered_coef[c] *= norm.invstd[c] / acc(count);
+        }
       }
+      bn_act_backward_apply_kernel<scalar_t>(batch_group(grad, groups, g), batch_group(input, groups, g),
+                                             batch_group(grad_x.buffer, groups, g), grad_x.layout, norm,
+                                             stats_grad, negative_slope);
     }
-    bn_act_backward_apply_kernel<scalar_t>(grad, input, grad_x.buffer, grad_x.layout, norm, stats_grad,
-                                           negative_slope);
   });
   return grad_x.finish();
 }

@@ -92,6 +92,40 @@ std::tuple<Tensor, Tensor> gan_loss(const Tensor& logits, bool target_is_real, c
   return {loss, compute_grad ? grad : Tensor()};
 }
 
+// The logits in the memory order their gradient is written in: empty_like's strides, or contiguous when the
+// groups along dim 0 would not each be one block of memory there (batch_outermost).
+std::pair<Tensor, Tensor> grouped_logits_and_grad(const Tensor& logits, int64_t groups) {
+  Tensor grad = at::empty_like(logits);
+  if (groups > 1 && !batch_outermost(grad)) {
+    grad = at::empty(logits.sizes(), logits.options());
+  }
+  return {in_memory_order_of(logits, grad), grad};
+}
+
+std::tuple<Tensor, Tensor> gan_losses(const Tensor& logits, const c10::List<bool>& targets_are_real,
+                                      c10::string_view mode, bool compute_grad) {
+  constexpr const char* op = "fastpix2pix::gan_losses";
+  check_floating(logits, op, "logits");
+  TORCH_CHECK(mode == "vanilla" || mode == "lsgan", op, ": mode must be \"vanilla\" or \"lsgan\", got \"",
+              mode, "\"");
+  const int64_t groups = static_cast<int64_t>(targets_are_real.size());
+  check_loss_groups(logits, groups, op);
+  const auto [input, grad] = grouped_logits_and_grad(logits, groups);
+  const int64_t per_group = input.numel() / groups;
+  const Tensor losses = at::empty({groups}, logits.options().dtype(stats_dtype(logits)));
+  FASTPIX2PIX_DISPATCH_FLOATING(logits.scalar_type(), op, [&] {
+    using acc = acc_t<scalar_t>;
+    acc* values = losses.mutable_data_ptr<acc>();
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t first = g * per_group;
+      scalar_t* grad_data = compute_grad ? grad.mutable_data_ptr<scalar_t>() + first : nullptr;
+      values[g] = gan_loss_kernel<scalar_t>(input.const_data_ptr<scalar_t>() + first, grad_data, per_group,
+                                            targets_are_real.get(g), mode == "vanilla");
+    }
+  });
+  return {losses, compute_grad ? grad : Tensor()};
+}
+
 std::tuple<Tensor, Tensor> l1_loss(const Tensor& pred, const Tensor& target, double weight,
                                    bool compute_grad) {
   constexpr const char* op = "fastpix2pix::l1_loss";
@@ -122,6 +156,7 @@ std::tuple<Tensor, Tensor> l1_loss(const Tensor& pred, const Tensor& target, dou
 
 TORCH_LIBRARY_IMPL(fastpix2pix, CPU, m) {
   m.impl("gan_loss", &gan_loss);
+  m.impl("gan_losses", &gan_losses);
   m.impl("l1_loss", &l1_loss);
 }
 

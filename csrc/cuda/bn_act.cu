@@ -244,112 +244,140 @@ struct BnBackwardApplyPass {
 
 // --- host side
 // ----------------------------------------------------------------------------------------------
+//
+// A grouped BatchNorm is `groups` BatchNorms of the groups' batches (fastpix2pix.cpp): each op allocates its
+// outputs once, then runs its single-group launch once per group on views of the group's elements
+// (batch_group) and of its statistics and sums (stats_group). The batch is the outermost dimension of both
+// walked layouts, so a group's view is itself NCHW or channels_last, and it starts a whole number of rows or
+// planes into the tensor: its vector width is the whole tensor's. groups == 1 is one iteration, over all of x.
+
+// The ops' names for their messages: constants, as the dtype dispatch in the per-group launches wants them.
+constexpr const char* kBnStats = "fastpix2pix::bn_stats";
+constexpr const char* kBnActForward = "fastpix2pix::bn_act_forward";
+constexpr const char* kBnActBackwardReduce = "fastpix2pix::bn_act_backward_reduce";
+constexpr const char* kBnActBackwardApply = "fastpix2pix::bn_act_backward_apply";
 
 // A per-channel input converted to the statistics dtype (no copy when it already is, contiguous).
 Tensor stats_vector(const Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
-template <typename acc_t>
-BnChannels<acc_t> bn_channels(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
-                              double eps) {
-  return {mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), optional_data<acc_t>(weight),
-          optional_data<acc_t>(bias), static_cast<acc_t>(eps)};
+// The per-channel inputs every BatchNorm pass reads, in the statistics dtype and contiguous: mean and var of
+// groups * C values (group-major), weight and bias of C values or undefined.
+struct BnVectors {
+  Tensor mean;
+  Tensor var;
+  Tensor weight;
+  Tensor bias;
+  double eps;
+
+  // Group g's statistics with the weight and bias that all groups share.
+  BnVectors group(int64_t channels, int64_t g) const {
+    return {stats_group(mean, channels, g), stats_group(var, channels, g), weight, bias, eps};
+  }
+
+  template <typename acc_t>
+  BnChannels<acc_t> channels() const {
+    return {mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), optional_data<acc_t>(weight),
+            optional_data<acc_t>(bias), static_cast<acc_t>(eps)};
+  }
+};
+
+BnVectors bn_vectors(const Tensor& mean, const Tensor& var, const OptTensor& weight, const OptTensor& bias,
+                     double eps, at::ScalarType dtype) {
+  return {stats_vector(mean, dtype), stats_vector(var, dtype), channel_param(weight, dtype),
+          channel_param(bias, dtype), eps};
 }
 
 // The BatchNorm ops' shared checks (checks.h), on the GPU.
 void check_bn_inputs(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
-                     const OptTensor& bias, const char* op) {
+                     const OptTensor& bias, const char* op, int64_t groups) {
   check_cuda(x, op, "x");
-  check_bn_args(x, mean, var, weight, bias, op);
+  check_bn_args(x, mean, var, weight, bias, op, groups);
 }
 
-std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
-  constexpr const char* op = "fastpix2pix::bn_stats";
-  check_cuda(x_in, op, "x");
-  check_4d(x_in, op, "x");
-  check_floating(x_in, op, "x");
-  check_values_per_channel(x_in, op);
-  const DeviceGuard guard(x_in.device());
-  const Layout layout = walk_layout(x_in);
-  const Tensor x = in_layout(x_in, layout);
+// bn_stats of one group: x laid out in `layout`; mean and var the group's C values of the outputs.
+void launch_bn_stats(const Tensor& x, Layout layout, const Tensor& mean, const Tensor& var) {
   const Walk walk = walk_of(x, layout);
-  const auto options = x.options().dtype(stats_dtype(x));
-  Tensor mean = at::empty({walk.channels}, options);
-  Tensor var = at::empty({walk.channels}, options);
-  if (walk.values_per_channel() == 0) {  // the statistics of nothing, as torch.var_mean's
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {mean, var};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), kBnStats, [&] {
     using acc_t = acc_type<scalar_t>;
     const StatsFinalizer<acc_t> finalize{
         mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
         static_cast<acc_t>(1.0 / static_cast<double>(walk.values_per_channel()))};
     with_vector_width<scalar_t>(vectorizable(walk, vector_width<scalar_t>(), {&x}), [&](auto width) {
       constexpr int kV = decltype(width)::value;
-      launch_channel_reduce(BnStatsPass<scalar_t, kV>{x.const_data_ptr<scalar_t>(), finalize}, walk, options);
+      launch_channel_reduce(BnStatsPass<scalar_t, kV>{x.const_data_ptr<scalar_t>(), finalize}, walk,
+                            mean.options());
     });
   });
-  return {mean, var};
 }
 
-Tensor bn_act_forward(const Tensor& x_in, const Tensor& mean_in, const Tensor& var_in,
-                      const OptTensor& weight_in, const OptTensor& bias_in, double eps,
-                      double negative_slope) {
-  constexpr const char* op = "fastpix2pix::bn_act_forward";
-  check_bn_inputs(x_in, mean_in, var_in, weight_in, bias_in, op);
-  const DeviceGuard guard(x_in.device());
-  const OutputLike out(x_in);
-  const Tensor x = in_layout(x_in, out.layout);
-  const Walk walk = walk_of(x, out.layout);
-  const auto dtype = stats_dtype(x);
-  const Tensor mean = stats_vector(mean_in, dtype);
-  const Tensor var = stats_vector(var_in, dtype);
-  const Tensor weight = channel_param(weight_in, dtype);
-  const Tensor bias = channel_param(bias_in, dtype);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
-    using acc_t = acc_type<scalar_t>;
-    const auto bn = bn_channels<acc_t>(mean, var, weight, bias, eps);
-    with_vector_width<scalar_t>(
-        vectorizable(walk, vector_width<scalar_t>(), {&x, &out.buffer}), [&](auto width) {
-          constexpr int kV = decltype(width)::value;
-          launch_map(BnForwardPass<scalar_t, kV>{x.const_data_ptr<scalar_t>(),
-                                                 out.buffer.mutable_data_ptr<scalar_t>(), bn,
-                                                 static_cast<acc_t>(negative_slope)},
-                     walk);
-        });
-  });
-  return out.finish();
-}
-
-std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, const Tensor& x_in,
-                                                  const Tensor& mean_in, const Tensor& var_in,
-                                                  const OptTensor& weight_in, const OptTensor& bias_in,
-                                                  double eps, double negative_slope) {
-  constexpr const char* op = "fastpix2pix::bn_act_backward_reduce";
-  check_bn_inputs(x_in, mean_in, var_in, weight_in, bias_in, op);
-  check_grad_out(x_in, grad_out_in, op);
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in, int64_t groups) {
+  constexpr const char* op = kBnStats;
+  check_cuda(x_in, op, "x");
+  check_4d(x_in, op, "x");
+  check_floating(x_in, op, "x");
+  check_groups(x_in, groups, op);
+  check_values_per_channel(x_in, op, groups);
   const DeviceGuard guard(x_in.device());
   const Layout layout = walk_layout(x_in);
   const Tensor x = in_layout(x_in, layout);
-  const Tensor grad_out = in_layout(grad_out_in, layout);
-  const Walk walk = walk_of(x, layout);
-  const auto dtype = stats_dtype(x);
-  const auto options = x.options().dtype(dtype);
-  const Tensor mean = stats_vector(mean_in, dtype);
-  const Tensor var = stats_vector(var_in, dtype);
-  const Tensor weight = channel_param(weight_in, dtype);
-  const Tensor bias = channel_param(bias_in, dtype);
-  Tensor sum_dz = at::empty({walk.channels}, options);
-  Tensor sum_dz_xhat = at::empty({walk.channels}, options);
-  if (walk.numel() == 0) {  // no values: the sums are empty sums
-    sum_dz.zero_();
-    sum_dz_xhat.zero_();
-    return {sum_dz, sum_dz_xhat};
+  const int64_t channels = x.size(1);
+  const auto options = x.options().dtype(stats_dtype(x));
+  Tensor mean = at::empty({groups * channels}, options);
+  Tensor var = at::empty({groups * channels}, options);
+  if (walk_of(x, layout).values_per_channel() == 0) {  // the statistics of nothing, as torch.var_mean's
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+  for (int64_t g = 0; g < groups; ++g) {
+    launch_bn_stats(batch_group(x, groups, g), layout, stats_group(mean, channels, g),
+                    stats_group(var, channels, g));
+  }
+  return {mean, var};
+}
+
+// bn_act_forward of one group: x and out laid out in `layout`, bn the group's vectors.
+void launch_bn_act_forward(const Tensor& x, const Tensor& out, Layout layout, const BnVectors& bn_in,
+                           double negative_slope) {
+  const Walk walk = walk_of(x, layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), kBnActForward, [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto bn = bn_channels<acc_t>(mean, var, weight, bias, eps);
+    const auto bn = bn_in.channels<acc_t>();
+    with_vector_width<scalar_t>(vectorizable(walk, vector_width<scalar_t>(), {&x, &out}), [&](auto width) {
+      constexpr int kV = decltype(width)::value;
+      launch_map(BnForwardPass<scalar_t, kV>{x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), bn,
+                                             static_cast<acc_t>(negative_slope)},
+                 walk);
+    });
+  });
+}
+
+Tensor bn_act_forward(const Tensor& x_in, const Tensor& mean_in, const Tensor& var_in,
+                      const OptTensor& weight_in, const OptTensor& bias_in, double eps, double negative_slope,
+                      int64_t groups) {
+  constexpr const char* op = kBnActForward;
+  check_bn_inputs(x_in, mean_in, var_in, weight_in, bias_in, op, groups);
+  const DeviceGuard guard(x_in.device());
+  const OutputLike out(x_in);
+  const Tensor x = in_layout(x_in, out.layout);
+  const int64_t channels = x.size(1);
+  const BnVectors bn = bn_vectors(mean_in, var_in, weight_in, bias_in, eps, stats_dtype(x));
+  for (int64_t g = 0; g < groups; ++g) {
+    launch_bn_act_forward(batch_group(x, groups, g), batch_group(out.buffer, groups, g), out.layout,
+                          bn.group(channels, g), negative_slope);
+  }
+  return out.finish();
+}
+
+// bn_act_backward_reduce of one group: grad_out and x laid out in `layout`, bn the group's vectors, sum_dz
+// and sum_dz_xhat the group's C values of the outputs.
+void launch_bn_act_backward_reduce(const Tensor& grad_out, const Tensor& x, Layout layout,
+                                   const BnVectors& bn_in, double negative_slope, const Tensor& sum_dz,
+                                   const Tensor& sum_dz_xhat) {
+  const Walk walk = walk_of(x, layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), kBnActBackwardReduce, [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto bn = bn_in.channels<acc_t>();
     const SumsFinalizer<acc_t, 2> finalize{
         {sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xhat.mutable_data_ptr<acc_t>()}};
     with_vector_width<scalar_t>(
@@ -359,53 +387,93 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, con
               BnBackwardReducePass<scalar_t, kV>{grad_out.const_data_ptr<scalar_t>(),
                                                  x.const_data_ptr<scalar_t>(), bn,
                                                  static_cast<acc_t>(negative_slope), finalize},
-              walk, options);
+              walk, sum_dz.options());
         });
   });
+}
+
+std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, const Tensor& x_in,
+                                                  const Tensor& mean_in, const Tensor& var_in,
+                                                  const OptTensor& weight_in, const OptTensor& bias_in,
+                                                  double eps, double negative_slope, int64_t groups) {
+  constexpr const char* op = kBnActBackwardReduce;
+  check_bn_inputs(x_in, mean_in, var_in, weight_in, bias_in, op, groups);
+  check_grad_out(x_in, grad_out_in, op);
+  const DeviceGuard guard(x_in.device());
+  const Layout layout = walk_layout(x_in);
+  const Tensor x = in_layout(x_in, layout);
+  const Tensor grad_out = in_layout(grad_out_in, layout);
+  const int64_t channels = x.size(1);
+  const auto dtype = stats_dtype(x);
+  const auto options = x.options().dtype(dtype);
+  const BnVectors bn = bn_vectors(mean_in, var_in, weight_in, bias_in, eps, dtype);
+  Tensor sum_dz = at::empty({groups * channels}, options);
+  Tensor sum_dz_xhat = at::empty({groups * channels}, options);
+  if (x.numel() == 0) {  // no values: the sums are empty sums
+    sum_dz.zero_();
+    sum_dz_xhat.zero_();
+    return {sum_dz, sum_dz_xhat};
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    launch_bn_act_backward_reduce(batch_group(grad_out, groups, g), batch_group(x, groups, g), layout,
+                                  bn.group(channels, g), negative_slope, stats_group(sum_dz, channels, g),
+                                  stats_group(sum_dz_xhat, channels, g));
+  }
   return {sum_dz, sum_dz_xhat};
+}
+
+// bn_act_backward_apply of one group: grad_out, x and grad_x laid out in `layout`, bn the group's vectors,
+// sum_dz and sum_dz_xhat the group's C values (undefined in eval).
+void launch_bn_act_backward_apply(const Tensor& grad_out, const Tensor& x, const Tensor& grad_x, Layout layout,
+                                  const BnVectors& bn_in, const Tensor& sum_dz, const Tensor& sum_dz_xhat,
+                                  int64_t count, double negative_slope, bool training) {
+  const Walk walk = walk_of(x, layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), kBnActBackwardApply, [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto bn = bn_in.channels<acc_t>();
+    const acc_t inv_count = training ? static_cast<acc_t>(1.0 / static_cast<double>(count)) : acc_t(0);
+    with_vector_width<scalar_t>(
+        vectorizable(walk, vector_width<scalar_t>(), {&x, &grad_out, &grad_x}), [&](auto width) {
+          constexpr int kV = decltype(width)::value;
+          launch_map(
+              BnBackwardApplyPass<scalar_t, kV>{
+                  grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                  grad_x.mutable_data_ptr<scalar_t>(), bn, optional_data<acc_t>(sum_dz),
+                  optional_data<acc_t>(sum_dz_xhat), inv_count, static_cast<acc_t>(negative_slope), training},
+              walk);
+        });
+  });
 }
 
 Tensor bn_act_backward_apply(const Tensor& grad_out_in, const Tensor& x_in, const Tensor& mean_in,
                              const Tensor& var_in, const OptTensor& weight_in, const OptTensor& bias_in,
                              const Tensor& sum_dz_in, const Tensor& sum_dz_xhat_in, int64_t count, double eps,
-                             double negative_slope, bool training) {
-  constexpr const char* op = "fastpix2pix::bn_act_backward_apply";
-  check_bn_inputs(x_in, mean_in, var_in, weight_in, bias_in, op);
+                             double negative_slope, bool training, int64_t groups) {
+  constexpr const char* op = kBnActBackwardApply;
+  check_bn_inputs(x_in, mean_in, var_in, weight_in, bias_in, op, groups);
   check_grad_out(x_in, grad_out_in, op);
+  const int64_t channels = x_in.size(1);
   if (training) {  // in eval the sums are not read (and may be undefined)
     TORCH_CHECK(sum_dz_in.defined() && sum_dz_xhat_in.defined(), op,
                 ": training needs sum_dz and sum_dz_xhat (from bn_act_backward_reduce)");
-    check_channel_vector(x_in, sum_dz_in, x_in.size(1), op, "sum_dz");
-    check_channel_vector(x_in, sum_dz_xhat_in, x_in.size(1), op, "sum_dz_xhat");
+    check_channel_vector(x_in, sum_dz_in, groups * channels, op, "sum_dz");
+    check_channel_vector(x_in, sum_dz_xhat_in, groups * channels, op, "sum_dz_xhat");
     TORCH_CHECK(count > 0 || x_in.numel() == 0, op, ": count must be positive in training, got ", count);
   }
   const DeviceGuard guard(x_in.device());
   const OutputLike out(x_in);
   const Tensor x = in_layout(x_in, out.layout);
   const Tensor grad_out = in_layout(grad_out_in, out.layout);
-  const Walk walk = walk_of(x, out.layout);
   const auto dtype = stats_dtype(x);
-  const Tensor mean = stats_vector(mean_in, dtype);
-  const Tensor var = stats_vector(var_in, dtype);
-  const Tensor weight = channel_param(weight_in, dtype);
-  const Tensor bias = channel_param(bias_in, dtype);
+  const BnVectors bn = bn_vectors(mean_in, var_in, weight_in, bias_in, eps, dtype);
   const Tensor sum_dz = training ? stats_vector(sum_dz_in, dtype) : Tensor();
   const Tensor sum_dz_xhat = training ? stats_vector(sum_dz_xhat_in, dtype) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
-    using acc_t = acc_type<scalar_t>;
-    const auto bn = bn_channels<acc_t>(mean, var, weight, bias, eps);
-    const acc_t inv_count = training ? static_cast<acc_t>(1.0 / static_cast<double>(count)) : acc_t(0);
-    with_vector_width<scalar_t>(
-        vectorizable(walk, vector_width<scalar_t>(), {&x, &grad_out, &out.buffer}), [&](auto width) {
-          constexpr int kV = decltype(width)::value;
-          launch_map(
-              BnBackwardApplyPass<scalar_t, kV>{
-                  grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                  out.buffer.mutable_data_ptr<scalar_t>(), bn, optional_data<acc_t>(sum_dz),
-                  optional_data<acc_t>(sum_dz_xhat), inv_count, static_cast<acc_t>(negative_slope), training},
-              walk);
-        });
-  });
+  for (int64_t g = 0; g < groups; ++g) {
+    launch_bn_act_backward_apply(batch_group(grad_out, groups, g), batch_group(x, groups, g),
+                                 batch_group(out.buffer, groups, g), out.layout, bn.group(channels, g),
+                                 stats_group(sum_dz, channels, g), stats_group(sum_dz_xhat, channels, g), count,
+                                 negative_slope, training);
+  }
   return out.finish();
 }
 

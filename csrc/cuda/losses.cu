@@ -135,23 +135,21 @@ Tensor converted_in_memory_order_of(const Tensor& t, const Tensor& ref, at::Scal
 // The mean of nothing is NaN, as in PyTorch.
 Tensor empty_mean(const Tensor& loss) { return loss.fill_(std::numeric_limits<double>::quiet_NaN()); }
 
-std::tuple<Tensor, Tensor> gan_loss(const Tensor& logits_in, bool target_is_real, c10::string_view mode,
-                                    bool compute_grad) {
-  constexpr const char* op = "fastpix2pix::gan_loss";
-  check_cuda(logits_in, op, "logits");
-  check_floating(logits_in, op, "logits");
+// Whether `mode` names the least-squares loss ("lsgan") rather than "vanilla" (anything else is an error).
+bool is_lsgan(c10::string_view mode, const char* op) {
   const bool lsgan = mode == "lsgan";
   TORCH_CHECK(lsgan || mode == "vanilla", op, ": mode must be \"vanilla\" or \"lsgan\", got \"",
               std::string(mode), "\"");
-  const DeviceGuard guard(logits_in.device());
-  Tensor loss = at::empty({}, logits_in.options().dtype(stats_dtype(logits_in)));
-  // The gradient has the strides of empty_like (as the fake kernel), and the logits are walked in the same.
-  Tensor grad = compute_grad ? at::empty_like(logits_in) : Tensor();
-  const Tensor logits = in_memory_order_of(logits_in, compute_grad ? grad : dense(logits_in));
+  return lsgan;
+}
+
+// The mean GAN loss of `logits` (dense, walked flat, not empty) into the one-element `loss`, and its gradient
+// into `grad` (undefined unless wanted; dense in the memory order of the logits).
+void launch_gan_loss(const Tensor& logits, const Tensor& grad, bool target_is_real, bool lsgan,
+                     const Tensor& loss) {
+  constexpr const char* op = "fastpix2pix::gan_loss";  // either op's: both checked the dtype before
   const int64_t numel = logits.numel();
-  if (numel == 0) {
-    return {empty_mean(loss), grad};
-  }
+  const bool compute_grad = grad.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), op, [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t inv_numel = static_cast<acc_t>(1.0 / static_cast<double>(numel));
@@ -168,7 +166,61 @@ std::tuple<Tensor, Tensor> gan_loss(const Tensor& logits_in, bool target_is_real
       launch_flat_reduce(pass, numel, loss.options());
     });
   });
+}
+
+std::tuple<Tensor, Tensor> gan_loss(const Tensor& logits_in, bool target_is_real, c10::string_view mode,
+                                    bool compute_grad) {
+  constexpr const char* op = "fastpix2pix::gan_loss";
+  check_cuda(logits_in, op, "logits");
+  check_floating(logits_in, op, "logits");
+  const bool lsgan = is_lsgan(mode, op);
+  const DeviceGuard guard(logits_in.device());
+  Tensor loss = at::empty({}, logits_in.options().dtype(stats_dtype(logits_in)));
+  // The gradient has the strides of empty_like (as the fake kernel), and the logits are walked in the same.
+  Tensor grad = compute_grad ? at::empty_like(logits_in) : Tensor();
+  const Tensor logits = in_memory_order_of(logits_in, compute_grad ? grad : dense(logits_in));
+  if (logits.numel() == 0) {
+    return {empty_mean(loss), grad};
+  }
+  launch_gan_loss(logits, grad, target_is_real, lsgan, loss);
   return {loss, grad};
+}
+
+// gan_losses walks each group of the batch as one flat block of memory, which it is when the batch is the
+// outermost dimension in memory (batch_outermost: always so in NCHW and channels_last). The gradient has
+// empty_like's strides when they put the batch outermost, else it is contiguous (the fake kernel's rule); the
+// logits are walked in the gradient's memory order, or without a gradient in their own when that will do.
+Tensor grouped_grad(const Tensor& logits, int64_t groups) {
+  Tensor grad = at::empty_like(logits);
+  return groups == 1 || batch_outermost(grad) ? grad : at::empty(logits.sizes(), logits.options());
+}
+
+Tensor grouped_walk_order(const Tensor& logits, int64_t groups) {
+  const Tensor walked = dense(logits);
+  return groups == 1 || batch_outermost(walked) ? walked : walked.contiguous();
+}
+
+std::tuple<Tensor, Tensor> gan_losses(const Tensor& logits_in, const c10::List<bool>& targets_are_real,
+                                      c10::string_view mode, bool compute_grad) {
+  constexpr const char* op = "fastpix2pix::gan_losses";
+  check_cuda(logits_in, op, "logits");
+  check_floating(logits_in, op, "logits");
+  const bool lsgan = is_lsgan(mode, op);
+  const auto groups = static_cast<int64_t>(targets_are_real.size());
+  check_loss_groups(logits_in, groups, op);
+  const DeviceGuard guard(logits_in.device());
+  Tensor losses = at::empty({groups}, logits_in.options().dtype(stats_dtype(logits_in)));
+  Tensor grad = compute_grad ? grouped_grad(logits_in, groups) : Tensor();
+  const Tensor logits =
+      compute_grad ? in_memory_order_of(logits_in, grad) : grouped_walk_order(logits_in, groups);
+  if (logits.numel() == 0) {  // every group is empty (they have one size)
+    return {empty_mean(losses), grad};
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    launch_gan_loss(batch_group(logits, groups, g), compute_grad ? batch_group(grad, groups, g) : Tensor(),
+                    targets_are_real.get(g), lsgan, losses.narrow(0, g, 1));
+  }
+  return {losses, grad};
 }
 
 std::tuple<Tensor, Tensor> l1_loss(const Tensor& pred_in, const Tensor& target_in, double weight,
@@ -226,6 +278,7 @@ std::tuple<Tensor, Tensor> l1_loss(const Tensor& pred_in, const Tensor& target_i
 
 TORCH_LIBRARY_IMPL(fastpix2pix, CUDA, m) {
   m.impl("gan_loss", &gan_loss);
+  m.impl("gan_losses", &gan_losses);
   m.impl("l1_loss", &l1_loss);
 }
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastpix2pix.models.layers import IDENTITY, LEAKY_RELU, ConvBlock, Network, check_norm, conv_bias_for
 
-__all__ = ["NLayerDiscriminator", "PixelDiscriminator", "patch_receptive_field"]
+__all__ = ["NLayerDiscriminator", "PixelDiscriminator", "patch_receptive_field", "run_blocks"]
 
 
 def patch_receptive_field(n_layers: int) -> int:
@@ -69,8 +69,9 @@ class NLayerDiscriminator(Network):
     def receptive_field(self) -> int:
         return patch_receptive_field(self.n_layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Logits of ``x``; ``groups``: see :func:`run_blocks`."""
+        return run_blocks(self.layers, x, groups)
 
 
 class PixelDiscriminator(Network):
@@ -90,5 +91,15 @@ class PixelDiscriminator(Network):
             ConvBlock(2 * ndf, 1, 1, bias=bias, negative_slope=IDENTITY, backend=backend),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Logits of ``x``; ``groups``: see :func:`run_blocks`."""
+        return run_blocks(self.layers, x, groups)
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The blocks in order. ``groups`` > 1: the batch holds that many equal parts that BatchNorm normalises as
+    separate batches (:meth:`ConvBlock.forward`), e.g. the fake and the real pairs of the D step: the same
+    logits and statistics updates as one call per part, with one pass through the convolutions."""
+    for block in blocks:
+        x = block(x, groups)
+    return x

@@ -126,11 +126,14 @@ class ConvBlock(nn.Module):
         assert self._ops is not None
         return self._ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """The block on ``x``; ``groups`` > 1 splits the batch into that many equal consecutive parts that
+        BatchNorm normalises as separate batches (one after the other, as separate calls would; the other
+        layers treat every item alike anyway): two batches in one pass through the convolutions."""
         if isinstance(self.norm, _SYNC_BATCH_NORM_TYPES):
-            return self._forward_sync_batch_norm(x)
+            return self._forward_sync_batch_norm(x, groups)
         if self._is_batch_norm:
-            return self._forward_batch_norm(x)
+            return self._forward_batch_norm(x, groups)
         if self._is_instance_norm:
             return activation(self.norm(self.conv(x)), self.negative_slope)
         x, weight = _autocast_inputs(x, self.conv.weight, self.compute_weight)
@@ -146,10 +149,15 @@ class ConvBlock(nn.Module):
             negative_slope=self.negative_slope,
         )
 
-    def _forward_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_batch_norm(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
         bn = self.norm
         training = self.training
-        momentum = _step_momentum(bn, training)
+        if training and groups != 1 and bn.momentum is None:
+            raise ValueError(
+                "ConvBlock: groups > 1 needs a BatchNorm momentum (with momentum None each group would "
+                "average with its own count)"
+            )
+        momentum = _step_momentum(bn, training, groups)
         x, weight = _autocast_inputs(x, self.conv.weight, self.compute_weight)
         return self._ops.conv_bn_act(
             x,
@@ -166,14 +174,19 @@ class ConvBlock(nn.Module):
             momentum=momentum,
             eps=bn.eps,
             negative_slope=self.negative_slope,
+            groups=groups,
         )
 
-    def _forward_sync_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_sync_batch_norm(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """conv (ATen) -> BatchNorm with the process group's statistics -> activation."""
         bn = self.norm
         group = sync_group(bn.process_group) if self.training else None
         if group is None:  # eval, or no other process: exactly the batch-norm block (one fused op)
-            return self._forward_batch_norm(x)
+            return self._forward_batch_norm(x, groups)
+        if groups != 1:
+            raise ValueError(
+                "ConvBlock: groups > 1 is not supported with BatchNorm synchronised across processes"
+            )
         conv = self.conv
         x, weight = _autocast_inputs(x, conv.weight, self.compute_weight)
         y = convolution(
@@ -237,15 +250,17 @@ def _autocast_inputs(
     return x.to(dtype), weight.to(dtype)
 
 
-def _step_momentum(bn: nn.modules.batchnorm._BatchNorm, training: bool) -> float:
-    """What ``nn.BatchNorm2d`` does around ``F.batch_norm``: count batches, pick the momentum."""
+def _step_momentum(bn: nn.modules.batchnorm._BatchNorm, training: bool, batches: int = 1) -> float:
+    """What ``nn.BatchNorm2d`` does around ``F.batch_norm``: count batches (``batches`` of them: a grouped
+    block's groups), pick the momentum."""
     momentum = bn.momentum
     if training:
         if momentum is None:  # cumulative moving average, as nn.BatchNorm2d: the count is read now
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked)
         else:
-            count_batch(bn.num_batches_tracked)  # deferred in a fast-path iteration (ops.running_stats)
+            for _ in range(batches):  # deferred in a fast-path iteration (ops.running_stats)
+                count_batch(bn.num_batches_tracked)
     return 0.0 if momentum is None else momentum
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "conv_bias_act",
     "conv_bn_act",
     "gan_loss",
+    "gan_losses",
     "l1_loss",
     "relu_cat",
     "update_running_stats",
@@ -52,6 +53,7 @@ def _self_checked(fallback: Callable[..., torch.Tensor]) -> Callable[[F], F]:
 conv_bn_act = _self_checked(reference.conv_bn_act)(kernels.conv_bn_act)
 conv_bias_act = _self_checked(reference.conv_bias_act)(kernels.conv_bias_act)
 gan_loss = _self_checked(reference.gan_loss)(kernels.gan_loss)
+gan_losses = _self_checked(reference.gan_losses)(kernels.gan_losses)
 l1_loss = _self_checked(reference.l1_loss)(kernels.l1_loss)
 relu_cat = _self_checked(reference.relu_cat)(kernels.relu_cat)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fastpix2pix._extension import REBUILD_HINT, extension_available
-from fastpix2pix.ops.reference import GAN_MODES
+from fastpix2pix.ops.reference import GAN_MODES, check_batch_groups
 from fastpix2pix.ops.running_stats import update_running_stats
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "conv_bias_act",
     "conv_bn_act",
     "gan_loss",
+    "gan_losses",
     "l1_loss",
     "relu_cat",
 ]
@@ -49,10 +50,13 @@ def conv_bn_act(
     momentum: float = 0.1,
     eps: float = 1e-5,
     negative_slope: float = 0.0,
+    groups: int = 1,
 ) -> torch.Tensor:
     """Convolution (no bias) -> BatchNorm2d -> activation: :func:`fastpix2pix.ops.reference.conv_bn_act`."""
+    if x.dim() == 4:  # else the op names the problem
+        check_batch_groups(x.shape[0], groups, "conv_bn_act")
     if training:
-        _check_values_per_channel(x, weight, stride, padding, output_padding, transposed)
+        _check_values_per_channel(x, weight, stride, padding, output_padding, transposed, groups)
     out, _, mean, var = _lib.conv_bn_act(
         x,
         weight,
@@ -67,11 +71,31 @@ def conv_bn_act(
         training,
         eps,
         negative_slope,
+        groups,
     )
     # An empty batch has no statistics (bn_stats returns NaN): like nn.BatchNorm2d, leave the running ones.
     if training and running_mean is not None and running_var is not None and out.numel() > 0:
-        update_running_stats(running_mean, running_var, mean, var, out.numel() // out.shape[1], momentum)
+        _update_running_stats_by_group(running_mean, running_var, mean, var, out, momentum, groups)
     return out
+
+
+def _update_running_stats_by_group(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    out: torch.Tensor,
+    momentum: float,
+    groups: int,
+) -> None:
+    """The groups' updates one after the other, as separate batches would make them."""
+    channels = out.shape[1]
+    count = out.numel() // (channels * groups)
+    if groups == 1:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return
+    for group_mean, group_var in zip(mean.split(channels), var.split(channels), strict=True):
+        update_running_stats(running_mean, running_var, group_mean, group_var, count, momentum)
 
 
 def conv_bias_act(
@@ -106,6 +130,18 @@ def gan_loss(logits: torch.Tensor, target_is_real: bool, mode: str = "vanilla") 
         raise ValueError(f"gan_loss: mode must be one of {GAN_MODES}, got {mode!r}")
     loss, _ = _lib.gan_loss(logits, target_is_real, mode, _wants_grad(logits))
     return loss
+
+
+def gan_losses(logits: torch.Tensor, targets_are_real: Sequence[bool], mode: str = "vanilla") -> torch.Tensor:
+    """The GAN losses of the batch's equal parts against their targets in one op (values and gradient in the
+    same pass): :func:`fastpix2pix.ops.reference.gan_losses`."""
+    if mode not in GAN_MODES:
+        raise ValueError(f"gan_losses: mode must be one of {GAN_MODES}, got {mode!r}")
+    if not targets_are_real:
+        raise ValueError("gan_losses: targets_are_real must name the target of at least one part")
+    check_batch_groups(logits.shape[0] if logits.dim() else 0, len(targets_are_real), "gan_losses")
+    losses, _ = _lib.gan_losses(logits, [bool(t) for t in targets_are_real], mode, _wants_grad(logits))
+    return losses
 
 
 def l1_loss(pred: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
@@ -144,8 +180,10 @@ def _check_values_per_channel(
     padding: Sequence[int],
     output_padding: Sequence[int],
     transposed: bool,
+    groups: int = 1,
 ) -> None:
-    """nn.BatchNorm2d's error for a training batch with one value per channel, raised before the op.
+    """nn.BatchNorm2d's error for a training batch (per group) with one value per channel, raised before
+    the op.
 
     The op checks this too, but on the first GPU run (H200, torch 2.11) that error, raised by the CUDA
     statistics kernel under the convolution, crashed the process instead of reaching Python (cause not found
@@ -160,7 +198,7 @@ def _check_values_per_channel(
             spatial *= (size - 1) * stride[axis] - 2 * padding[axis] + kernel + output_padding[axis]
         else:
             spatial *= (size + 2 * padding[axis] - kernel) // stride[axis] + 1
-    if x.shape[0] * spatial == 1:
+    if x.shape[0] // groups * spatial == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{torch.Size([1, weight.shape[1] if transposed else weight.shape[0], 1, 1])}"
@@ -178,8 +216,8 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    channels = x.shape[1]
+def _channel_stats(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = x.shape[1] * groups
     dtype = _stats_dtype(x)
     return x.new_empty(channels, dtype=dtype), x.new_empty(channels, dtype=dtype)
 
@@ -209,23 +247,23 @@ def _conv_backward_fake(grad_y, x, weight, stride, padding, output_padding, tran
 
 
 @torch.library.register_fake("fastpix2pix::bn_stats")
-def _bn_stats_fake(x):
-    return _channel_stats(x)
+def _bn_stats_fake(x, groups=1):
+    return _channel_stats(x, groups)
 
 
 @torch.library.register_fake("fastpix2pix::bn_act_forward")
-def _bn_act_forward_fake(x, mean, var, weight, bias, eps, negative_slope):
+def _bn_act_forward_fake(x, mean, var, weight, bias, eps, negative_slope, groups=1):
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("fastpix2pix::bn_act_backward_reduce")
-def _bn_act_backward_reduce_fake(grad_out, x, mean, var, weight, bias, eps, negative_slope):
-    return _channel_stats(x)
+def _bn_act_backward_reduce_fake(grad_out, x, mean, var, weight, bias, eps, negative_slope, groups=1):
+    return _channel_stats(x, groups)
 
 
 @torch.library.register_fake("fastpix2pix::bn_act_backward_apply")
 def _bn_act_backward_apply_fake(
-    grad_out, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, negative_slope, training
+    grad_out, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, negative_slope, training, groups=1
 ):
     return torch.empty_like(x)
 
@@ -273,6 +311,21 @@ def _gan_loss_fake(logits, target_is_real, mode, compute_grad):
     return logits.new_empty((), dtype=_stats_dtype(logits)), grad
 
 
+@torch.library.register_fake("fastpix2pix::gan_losses")
+def _gan_losses_fake(logits, targets_are_real, mode, compute_grad):
+    grad = None
+    if compute_grad:  # as the kernels: empty_like's strides, unless a group would not be one memory block
+        grad = torch.empty_like(logits)
+        if len(targets_are_real) > 1 and not _batch_outermost(grad):
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return logits.new_empty(len(targets_are_real), dtype=_stats_dtype(logits)), grad
+
+
+def _batch_outermost(t: torch.Tensor) -> bool:
+    # checks.h's batch_outermost, for a dense tensor.
+    return t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) * t.shape[0] == t.numel()
+
+
 @torch.library.register_fake("fastpix2pix::l1_loss")
 def _l1_loss_fake(pred, target, weight, compute_grad):
     grad = torch.empty_like(pred) if compute_grad else None
@@ -287,16 +340,17 @@ def _adam_master_step_fake(params, grads, exp_avgs, exp_avg_sqs, copies, steps, 
 @torch.library.register_fake("fastpix2pix::conv_bn_act")
 def _conv_bn_act_fake(
     x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, output_padding, transposed,
-    training, eps, negative_slope,
+    training, eps, negative_slope, groups=1,
 ):  # fmt: skip
     conv_out = _conv_fake(x, weight, stride, padding, output_padding, transposed)
-    return (torch.empty_like(conv_out), conv_out, *_channel_stats(conv_out))
+    # Eval normalises with the running statistics: C values whatever the groups.
+    return (torch.empty_like(conv_out), conv_out, *_channel_stats(conv_out, groups if training else 1))
 
 
 @torch.library.register_fake("fastpix2pix::conv_bn_act_backward")
 def _conv_bn_act_backward_fake(
     grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride, padding, output_padding, transposed,
-    training, eps, negative_slope, output_mask,
+    training, eps, negative_slope, output_mask, groups=1,
 ):  # fmt: skip
     grad_y = torch.empty_like(conv_out)  # bn_act_backward_apply's output
     conv_args = (stride, padding, output_padding, transposed)
@@ -330,19 +384,22 @@ def _conv_bias_act_backward_fake(
 
 def _conv_bn_act_setup(ctx, inputs, output) -> None:
     x, weight, bn_weight, bn_bias, _, _, stride, padding, output_padding, transposed, training, eps, slope = (
-        inputs
+        inputs[:13]
     )
+    groups = inputs[13] if len(inputs) > 13 else 1
     _, conv_out, mean, var = output
     ctx.mark_non_differentiable(conv_out, mean, var)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nothing differentiates
     ctx.save_for_backward(x, weight, conv_out, bn_weight, bn_bias, mean, var)
     ctx.conv_args = (stride, padding, output_padding, transposed)
     ctx.bn_args = (training, eps, slope)
+    ctx.groups = groups
+    ctx.num_inputs = len(inputs)
 
 
 def _conv_bn_act_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
     if grad_out is None:  # the block's output reached no loss
-        return (None,) * 13
+        return (None,) * ctx.num_inputs
     x, weight, conv_out, bn_weight, bn_bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[1], bn_weight is not None and needs[2], bn_bias is not None and needs[3]]
@@ -358,8 +415,9 @@ def _conv_bn_act_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
         *ctx.conv_args,
         *ctx.bn_args,
         output_mask,
+        ctx.groups,
     )
-    return (grad_x, grad_weight, grad_bn_weight, grad_bn_bias, *([None] * 9))
+    return (grad_x, grad_weight, grad_bn_weight, grad_bn_bias, *([None] * (ctx.num_inputs - 4)))
 
 
 def _conv_bias_act_setup(ctx, inputs, output) -> None:
@@ -405,13 +463,18 @@ def _loss_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(grad)
 
 
-def _scaled_saved_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+def _saved_grad(ctx) -> torch.Tensor:
     (grad,) = ctx.saved_tensors
     if grad is None:
         raise RuntimeError(
             "fastpix2pix loss: backward called but the forward computed no gradient "
             "(compute_grad=False); call the op with compute_grad=True to differentiate it"
         )
+    return grad
+
+
+def _scaled_saved_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    grad = _saved_grad(ctx)
     # grad_loss is 0-dim: it does not promote grad's dtype (a bf16 gradient stays bf16), and the multiply
     # reads it in its own dtype, so no cast kernel runs first.
     return grad * grad_loss
@@ -421,6 +484,23 @@ def _gan_loss_backward(ctx, grad_loss, _grad_grad):
     if grad_loss is None:
         return None, None, None, None
     return _scaled_saved_grad(ctx, grad_loss), None, None, None
+
+
+def _gan_losses_setup(ctx, inputs, output) -> None:
+    _loss_setup(ctx, inputs, output)
+    ctx.groups = len(inputs[1])
+
+
+def _gan_losses_backward(ctx, grad_losses, _grad_grad):
+    if grad_losses is None:
+        return None, None, None, None
+    grad = _saved_grad(ctx)
+    groups = ctx.groups
+    # Each group's gradient scaled by its loss's: the batch viewed as [groups, items per group, ...] (a view
+    # for any strides), the scales broadcast over it. The scales are cast, not the map (bf16 stays bf16).
+    scale = grad_losses.to(grad.dtype).view(groups, *([1] * grad.dim()))
+    grad_logits = (grad.unflatten(0, (groups, grad.shape[0] // groups)) * scale).flatten(0, 1)
+    return grad_logits, None, None, None
 
 
 def _l1_loss_backward(ctx, grad_loss, _grad_grad):
@@ -439,4 +519,7 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd("fastpix2pix::relu_cat", _relu_cat_backward, setup_context=_relu_cat_setup)
 torch.library.register_autograd("fastpix2pix::gan_loss", _gan_loss_backward, setup_context=_loss_setup)
+torch.library.register_autograd(
+    "fastpix2pix::gan_losses", _gan_losses_backward, setup_context=_gan_losses_setup
+)
 torch.library.register_autograd("fastpix2pix::l1_loss", _l1_loss_backward, setup_context=_loss_setup)

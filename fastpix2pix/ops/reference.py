@@ -62,15 +62,33 @@ def conv_bn_act(
     momentum: float = 0.1,
     eps: float = 1e-5,
     negative_slope: float = 0.0,
+    groups: int = 1,
 ) -> torch.Tensor:
     """Convolution (no bias) -> BatchNorm2d -> activation.
 
     In training the batch statistics normalise and the running statistics (when given) are updated in
     place exactly as ``nn.BatchNorm2d`` does; in eval the running statistics normalise.
+
+    ``groups`` splits the batch into that many equal consecutive parts, normalised in training as separate
+    batches would be, one after the other (each updates the running statistics in turn): the
+    discriminator's fake and real pairs as one batch. In eval the running statistics normalise every part.
     """
+    check_batch_groups(x.shape[0] if x.dim() else 0, groups, "conv_bn_act")
     y = convolution(x, weight, None, stride, padding, output_padding, transposed)
+    if training and groups > 1:
+        parts = [
+            F.batch_norm(part, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
+            for part in y.chunk(groups)
+        ]
+        return activation(torch.cat(parts), negative_slope)
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     return activation(y, negative_slope)
+
+
+def check_batch_groups(batch: int, groups: int, op: str) -> None:
+    """A batch of ``batch`` items splits into ``groups`` equal consecutive parts (``groups`` >= 1)."""
+    if groups < 1 or batch % groups:
+        raise ValueError(f"{op}: a batch of {batch} does not split into groups={groups} equal parts")
 
 
 def conv_bias_act(
@@ -104,6 +122,19 @@ def gan_loss(logits: torch.Tensor, target_is_real: bool, mode: str = "vanilla") 
     if mode == "vanilla":
         return F.binary_cross_entropy_with_logits(logits, target)
     return F.mse_loss(logits, target)
+
+
+def gan_losses(logits: torch.Tensor, targets_are_real: Sequence[bool], mode: str = "vanilla") -> torch.Tensor:
+    """The :func:`gan_loss` of each of ``len(targets_are_real)`` equal consecutive parts of the batch, part g
+    against target ``targets_are_real[g]``: a 1-D tensor of the parts' losses (the discriminator's fake and
+    real maps, computed as one batch)."""
+    if not targets_are_real:
+        raise ValueError("gan_losses: targets_are_real must name the target of at least one part")
+    check_batch_groups(logits.shape[0] if logits.dim() else 0, len(targets_are_real), "gan_losses")
+    parts = logits.chunk(len(targets_are_real)) if logits.shape[0] else [logits] * len(targets_are_real)
+    return torch.stack(
+        [gan_loss(part, real, mode) for part, real in zip(parts, targets_are_real, strict=True)]
+    )
 
 
 def l1_loss(pred: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:

@@ -8,8 +8,9 @@ BatchNorm layer passes of one unet_256 + PatchGAN iteration, each moving a few k
 
 Inside :func:`deferred_running_stats` the updates wait and are applied together, one foreach call per kind
 (three kernels for all waiting layers). The arithmetic is the same ops on the same values, so the result
-is bit for bit the immediate update's. Two updates of one layer never share a call: a layer updated again
-(D runs three times per iteration) first applies everything waiting, which keeps each layer's updates in
+is bit for bit the immediate update's. Two updates of one layer never share a call (on a GPU the two writes
+would race): a layer updated again (D runs three times per iteration; a grouped block updates once per
+group) waits in the next *round*, and the rounds are applied in order, which keeps each layer's updates in
 order. Nothing in a training forward reads the running statistics, so the delay is invisible to it.
 """
 
@@ -25,9 +26,10 @@ __all__ = ["count_batch", "deferred_running_stats", "immediate_running_stats", "
 
 
 @dataclass
-class _Waiting:
-    """Updates not yet applied: per layer its running statistics, batch mean and momentum, with the batch
-    variance and its unbiasing factor; the counters to increment; the ids of every tensor they write."""
+class _Round:
+    """Updates applied together, each tensor written at most once: per layer its running statistics, batch
+    mean and momentum, with the batch variance and its unbiasing factor; the counters to increment; the ids of
+    every tensor they write."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = field(default_factory=list)
     variances: list[torch.Tensor] = field(default_factory=list)
@@ -60,6 +62,28 @@ class _Waiting:
         self.written.clear()
 
 
+@dataclass
+class _Waiting:
+    """The updates not yet applied, in rounds applied one after the other."""
+
+    rounds: list[_Round] = field(default_factory=list)
+
+    def round_for(self, *tensors: torch.Tensor) -> _Round:
+        """The round after the last one that writes any of ``tensors`` (a new one if there is none)."""
+        index = 0
+        for i, waiting in enumerate(self.rounds):
+            if waiting.touches(*tensors):
+                index = i + 1
+        if index == len(self.rounds):
+            self.rounds.append(_Round())
+        return self.rounds[index]
+
+    def apply(self) -> None:
+        for waiting in self.rounds:
+            waiting.apply()
+        self.rounds.clear()
+
+
 # The updates waiting in the open deferred_running_stats(), or None. A plain module global (not a thread
 # local or a ContextVar): torch.compile traces reads of it, and training runs a network in one thread.
 _waiting: _Waiting | None = None
@@ -67,9 +91,10 @@ _waiting: _Waiting | None = None
 
 @contextlib.contextmanager
 def deferred_running_stats() -> Iterator[None]:
-    """Hold the running-statistic updates and batch counts of the fused blocks until the block ends (or a
-    layer is updated again), then apply them in three foreach kernels. Nested uses join the outer one. An
-    error inside still applies the updates of the layers that ran, as the immediate updates would have."""
+    """Hold the running-statistic updates and batch counts of the fused blocks until the block ends, then
+    apply them in three foreach kernels per round (a layer updated again waits in the next round). Nested
+    uses join the outer one. An error inside still applies the updates of the layers that ran, as the
+    immediate updates would have."""
     global _waiting
     if _waiting is not None:
         yield
@@ -119,12 +144,11 @@ def update_running_stats(
                 momentum,
             )
         return
-    if waiting.touches(running_mean, running_var):
-        waiting.apply()
-    waiting.layers.append((running_mean, running_var, batch_mean, momentum))
-    waiting.variances.append(batch_var)
-    waiting.factors.append(factor)
-    waiting.written.update((id(running_mean), id(running_var)))
+    later = waiting.round_for(running_mean, running_var)
+    later.layers.append((running_mean, running_var, batch_mean, momentum))
+    later.variances.append(batch_var)
+    later.factors.append(factor)
+    later.written.update((id(running_mean), id(running_var)))
 
 
 def count_batch(num_batches_tracked: torch.Tensor) -> None:
@@ -133,7 +157,6 @@ def count_batch(num_batches_tracked: torch.Tensor) -> None:
     if waiting is None:
         num_batches_tracked.add_(1)  # an integer buffer: autograd never sees it
         return
-    if waiting.touches(num_batches_tracked):
-        waiting.apply()
-    waiting.counters.append(num_batches_tracked)
-    waiting.written.add(id(num_batches_tracked))
+    later = waiting.round_for(num_batches_tracked)
+    later.counters.append(num_batches_tracked)
+    later.written.add(id(num_batches_tracked))

@@ -350,9 +350,14 @@ def _conv_bn_act_case(
     channels_last: bool,
     dtype: torch.dtype = torch.float32,
     shape: ConvShape = DEFAULT_SHAPE,
+    groups: int = 1,
 ) -> Case:
     def build(gen: torch.Generator, dev: torch.device):
         x, weight = _conv_inputs(gen, dev, shape, transposed, channels_last, dtype)
+        if groups > 1:  # parts of different means: shared statistics would show
+            x = x + torch.arange(groups, device=dev).repeat_interleave(shape.batch // groups).view(
+                -1, 1, 1, 1
+            )
         channels = shape.out_channels
         # BatchNorm parameters and running statistics stay float32 (also under autocast).
         bn_weight = 1 + 0.1 * _randn(gen, dev, channels)
@@ -365,6 +370,7 @@ def _conv_bn_act_case(
             out = ops.conv_bn_act(
                 x, weight, bn_weight, bn_bias, mean, var, stride=(shape.stride,) * 2,
                 padding=(shape.padding,) * 2, transposed=transposed, training=training, negative_slope=slope,
+                groups=groups,
             )  # fmt: skip
             return [out, mean, var]
 
@@ -402,6 +408,15 @@ def _gan_loss_case(*, mode: str, real: bool, dtype: torch.dtype = torch.float32)
         # A batch of 16 70x70-PatchGAN maps of a 256 px image: 15,376 logits.
         logits = 2 * _randn(gen, dev, 16, 1, 31, 31, channels_last=True, dtype=dtype)
         return [logits], lambda ops, logits: [ops.gan_loss(logits, real, mode)]
+
+    return build
+
+
+def _gan_losses_case(*, mode: str, dtype: torch.dtype = torch.float32) -> Case:
+    def build(gen: torch.Generator, dev: torch.device):
+        # The D step's fake and real maps as one batch (8 + 8 maps of a 256 px image's PatchGAN).
+        logits = 2 * _randn(gen, dev, 16, 1, 31, 31, channels_last=True, dtype=dtype)
+        return [logits], lambda ops, logits: [ops.gan_losses(logits, (False, True), mode)]
 
     return build
 
@@ -451,6 +466,10 @@ CASES: dict[str, Case] = {
     "gan_loss (vanilla, real)": _gan_loss_case(mode="vanilla", real=True),
     "gan_loss (vanilla, fake)": _gan_loss_case(mode="vanilla", real=False),
     "gan_loss (lsgan, real)": _gan_loss_case(mode="lsgan", real=True),
+    "gan_losses (fake, real; lsgan)": _gan_losses_case(mode="lsgan"),
+    "conv_bn_act (groups=2, NCHW)": _conv_bn_act_case(
+        transposed=False, slope=0.2, training=True, channels_last=False, groups=2
+    ),
     "l1_loss": _l1_loss_case,
     "relu_cat (NCHW)": _relu_cat_case(channels_last=False),
     # The fast path's dtype and layout: bf16 activations and conv weights, channels_last.
@@ -475,6 +494,11 @@ CASES: dict[str, Case] = {
     "relu_cat (bf16)": _relu_cat_case(channels_last=True, dtype=BF16),
     "relu_cat (2x2, bf16)": _relu_cat_case(channels_last=True, dtype=BF16, size=2),  # the innermost join
     "gan_loss (vanilla, real, bf16)": _gan_loss_case(mode="vanilla", real=True, dtype=BF16),
+    # D's fake and real pairs as one batch (train_step's pairs_as_one_batch, the fast path's default).
+    "conv_bn_act (D pairs, groups=2, bf16)": _conv_bn_act_case(
+        transposed=False, slope=0.2, training=True, channels_last=True, dtype=BF16, groups=2
+    ),
+    "gan_losses (fake, real, bf16)": _gan_losses_case(mode="vanilla", dtype=BF16),
     "l1_loss (bf16 prediction)": _l1_loss_bf16_case,
 }
 

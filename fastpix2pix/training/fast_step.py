@@ -6,8 +6,9 @@ logs, exact resume) with this inner loop. One iteration is :class:`FastStep`:
 1. the batch source (:func:`fastpix2pix.data.sources.plan.plan_batch_source`: the dataset held on the device,
    or streamed from host memory when it does not fit or its images differ in size) writes the next augmented
    batch into static device buffers;
-2. :func:`fastpix2pix.training.step.train_step` itself, unchanged (three D forwards, separate BN batches for
-   real and fake, dropout live, running statistics updated, D loss x 0.5, D frozen in the G step), under
+2. :func:`fastpix2pix.training.step.train_step` itself (separate BN batches for real and fake, dropout live,
+   running statistics updated, D loss x 0.5, D frozen in the G step; with ``pairs_as_one_batch``, the
+   default, the D step's fake and real pairs go through D as one batch of two BatchNorm groups), under
    ``torch.autocast`` when ``bf16`` (ConvBlock casts activations and conv weights; BN parameters,
    statistics, master weights, Adam state and losses stay float32);
 3. the four losses are written into row ``slot`` of a device buffer and ``slot`` is incremented, on the
@@ -81,7 +82,9 @@ class FastPathConfig:
     plain trainer's function, or bf16 in channels_last).
 
     ``loss_readback_every`` is in iterations; 0 means ``max(1, print_freq // batch_size)``, the plain
-    trainer's logging period. ``verify_graph``: after capture, compare one replay with an eager iteration
+    trainer's logging period. ``pairs_as_one_batch``: D's fake and real pairs in one forward with per-part
+    BatchNorm statistics (:func:`fastpix2pix.training.step.train_step`). ``verify_graph``: after capture,
+    compare one replay with an eager iteration
     (:func:`fastpix2pix.training.graph_check.verify_captured_step`) and train eagerly if they disagree.
     """
 
@@ -93,6 +96,7 @@ class FastPathConfig:
     loss_readback_every: int = 0
     verify_graph: bool = True
     weight_copies: bool = False
+    pairs_as_one_batch: bool = False
 
     @classmethod
     def for_device(cls, device: torch.device | str, **changes: Any) -> FastPathConfig:
@@ -109,6 +113,8 @@ class FastPathConfig:
             # bf16 conv weights kept by the optimizer (fastpix2pix.training.master_weights); on a GPU only
             # where its kernel passes the start-up check (else the blocks cast, as without copies).
             "weight_copies": bf16,
+            # D's fake and real pairs in one forward: fewer, larger kernels (grouped BatchNorm statistics).
+            "pairs_as_one_batch": True,
         }
         return cls(**(defaults | changes))
 
@@ -353,12 +359,14 @@ class FastStep:
         *,
         bf16: bool,
         loss_rows: int,
+        pairs_as_one_batch: bool = False,
     ) -> None:
         if loss_rows < 1:
             raise ValueError(f"loss_rows must be >= 1, got {loss_rows}")
         self.nets, self.optimizers, self.objective = nets, optimizers, objective
         self.source = _as_source(source)
         self.bf16 = bf16
+        self.pairs_as_one_batch = pairs_as_one_batch
         self.device = next(nets.G.parameters()).device
         self.losses = torch.zeros((loss_rows, len(LOSS_NAMES)), device=self.device)
         self.slot = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -393,8 +401,9 @@ class FastStep:
         # per iteration instead of 66 small ops; see fastpix2pix.ops.running_stats).
         with self._autocast(), deferred_running_stats():
             losses = train_step(
-                self.nets, self.optimizers, {"A": real_A, "B": real_B}, self.objective, visuals
-            )
+                self.nets, self.optimizers, {"A": real_A, "B": real_B}, self.objective, visuals,
+                pairs_as_one_batch=self.pairs_as_one_batch,
+            )  # fmt: skip
         values = torch.stack([losses[name].float() for name in LOSS_NAMES])
         # Device-side slot: the same kernels write the next row at every replay.
         self.losses.index_copy_(0, self.slot, values[None])

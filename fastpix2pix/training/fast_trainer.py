@@ -181,6 +181,7 @@ class FastTrainer(Trainer):
             step = FastStep(
                 self.nets, self.optimizers, self.objective, self.data,
                 bf16=self.config.bf16, loss_rows=min(self.readback_every, LOSS_BUFFER_ROWS),
+                pairs_as_one_batch=self.config.pairs_as_one_batch,
             )  # fmt: skip
             if self.config.cuda_graph and not self.data.fixed_shape:
                 self.say("the batches change shape (images of several sizes): training without a CUDA graph")

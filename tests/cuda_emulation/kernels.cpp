@@ -33,16 +33,32 @@ void copy_vectors(const at::Tensor& in, int64_t in_offset, const at::Tensor& out
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace gpu = fastpix2pix::gpu;
-  m.def("bn_stats", &gpu::bn_stats);
-  m.def("bn_act_forward", &gpu::bn_act_forward);
-  m.def("bn_act_backward_reduce", &gpu::bn_act_backward_reduce);
-  m.def("bn_act_backward_apply", &gpu::bn_act_backward_apply);
+  // The BatchNorm ops with the schema's default groups=1 (fastpix2pix.cpp), so that one call site serves both
+  // this module and torch.ops.fastpix2pix; pybind then wants every argument named.
+  using py::arg;
+  m.def("bn_stats", &gpu::bn_stats, arg("x"), arg("groups") = 1);
+  m.def("bn_act_forward", &gpu::bn_act_forward, arg("x"), arg("mean"), arg("var"), arg("weight"), arg("bias"),
+        arg("eps"), arg("negative_slope"), arg("groups") = 1);
+  m.def("bn_act_backward_reduce", &gpu::bn_act_backward_reduce, arg("grad_out"), arg("x"), arg("mean"),
+        arg("var"), arg("weight"), arg("bias"), arg("eps"), arg("negative_slope"), arg("groups") = 1);
+  m.def("bn_act_backward_apply", &gpu::bn_act_backward_apply, arg("grad_out"), arg("x"), arg("mean"),
+        arg("var"), arg("weight"), arg("bias"), arg("sum_dz"), arg("sum_dz_xhat"), arg("count"), arg("eps"),
+        arg("negative_slope"), arg("training"), arg("groups") = 1);
   m.def("bias_act_forward", &gpu::bias_act_forward);
   m.def("bias_act_backward", &gpu::bias_act_backward);
   m.def("gan_loss",
         [](const at::Tensor& logits, bool target_is_real, const std::string& mode, bool compute_grad) {
           return gpu::gan_loss(logits, target_is_real, mode, compute_grad);
         });
+  // bool[] is a c10::List<bool> in the op's signature; std::vector<bool> is what pybind converts a list to.
+  m.def("gan_losses", [](const at::Tensor& logits, const std::vector<bool>& targets_are_real,
+                         const std::string& mode, bool compute_grad) {
+    c10::List<bool> targets;
+    for (const bool target : targets_are_real) {
+      targets.push_back(target);
+    }
+    return gpu::gan_losses(logits, targets, mode, compute_grad);
+  });
   m.def("l1_loss", &gpu::l1_loss);
   m.def("relu_cat", &gpu::relu_cat);
   m.def("relu_cat_backward", &gpu::relu_cat_backward);
