@@ -64,13 +64,15 @@ def train_options(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
-def fast_path_config(precision: str) -> Any:
+def fast_path_config(precision: str, separate_pairs: bool = False) -> Any:
     from fastpix2pix.training.fast_step import FastPathConfig
 
     bf16 = precision == "bf16"
     # bf16 as on CUDA, with channels_last (measured faster than NCHW in bf16 on the CPU this ran on);
-    # float32 keeps the CPU default (NCHW).
-    return FastPathConfig.for_device("cpu", bf16=bf16, channels_last=bf16)
+    # float32 keeps the CPU default (NCHW). separate_pairs: D's pairs as two forwards (the plain trainer's).
+    return FastPathConfig.for_device(
+        "cpu", bf16=bf16, channels_last=bf16, pairs_as_one_batch=not separate_pairs
+    )
 
 
 def loss_curve(run_dir: Path) -> list[dict[str, float]]:
@@ -126,7 +128,7 @@ def run_phase(args: argparse.Namespace) -> int:
     report = IncrementalJson(work / f"run_{name}.json", {"precision": args.precision, "seed": args.seed})
     try:
         opt = train_options(args)
-        config = fast_path_config(args.precision)
+        config = fast_path_config(args.precision, args.separate_pairs)
         report.update(
             status="training",
             options={k: str(v) for k, v in dataclasses.asdict(opt).items()},
@@ -224,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("phase", choices=["run", "collect"])
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--separate-pairs",
+        action="store_true",
+        help="D's fake and real pairs as two forwards instead of one batch (use its own --work)",
+    )
     parser.add_argument("--work", default="/tmp/fastpix2pix_bf16_quality")
     parser.add_argument("--dataroot", default=os.environ.get("FACADES", "../shared/data/facades"))
     parser.add_argument("--epochs", type=int, nargs=2, default=(15, 15), metavar=("CONSTANT", "DECAY"))
