@@ -35,9 +35,13 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=pytest.mark.skipif(
-            not cuda_kernels_available(), reason="CUDA is not available on this machine"
-        ),
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine"),
+            pytest.mark.skipif(
+                not cuda_kernels_available(), reason="fastpix2pix._C was built without its CUDA kernels"
+            ),
+        ],
     ),
 ]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
