@@ -11,39 +11,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpix2pix._extension import cuda_kernels_available, extension_available
+from fastpix2pix._extension import extension_available
+
+if not extension_available():
+    pytest.skip("the compiled operator library fastpix2pix._C is not built", allow_module_level=True)
+
+from test_cuda_ops import EPS, fused_bn_ops
+from test_ops import DEVICES
+
 from fastpix2pix.models.discriminators import NLayerDiscriminator, PixelDiscriminator
 from fastpix2pix.models.layers import ConvBlock
-from fastpix2pix.ops import reference
+from fastpix2pix.ops import kernels, reference
 from fastpix2pix.ops.running_stats import deferred_running_stats
 from fastpix2pix.runs.networks import Networks, build_networks
 from fastpix2pix.runs.options import TrainOptions
 from fastpix2pix.training.optim import build_optimizers
 from fastpix2pix.training.step import Objective, train_step
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(not extension_available(), reason="compiled extension not built"),
-]
-
-if extension_available():
-    from fastpix2pix.ops import kernels
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 lib = torch.ops.fastpix2pix
-EPS = 1e-5
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine"),
-            pytest.mark.skipif(
-                not cuda_kernels_available(), reason="fastpix2pix._C was built without its CUDA kernels"
-            ),
-        ],
-    ),
-]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 
@@ -56,23 +43,9 @@ def _seed() -> None:
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 5e-2}
 
 
-def bn_op_results(x, grad, weight, bias, slope, groups, op_lib=lib) -> dict[str, torch.Tensor]:
-    """The four BatchNorm ops in training, grouped."""
-    mean, var = op_lib.bn_stats(x, groups)
-    out = op_lib.bn_act_forward(x, mean, var, weight, bias, EPS, slope, groups)
-    sum_dz, sum_dz_xhat = op_lib.bn_act_backward_reduce(grad, x, mean, var, weight, bias, EPS, slope, groups)
-    count = x.numel() // (x.shape[1] * groups)
-    grad_x = op_lib.bn_act_backward_apply(
-        grad, x, mean, var, weight, bias, sum_dz, sum_dz_xhat, count, EPS, slope, True, groups
-    )
-    return {
-        "mean": mean,
-        "var": var,
-        "out": out,
-        "sum_dz": sum_dz,
-        "sum_dz_xhat": sum_dz_xhat,
-        "grad_x": grad_x,
-    }
+def bn_op_results(x, grad, weight, bias, slope, groups) -> dict[str, torch.Tensor]:
+    """The four BatchNorm ops in training, grouped (test_cuda_ops.fused_bn_ops, on torch.ops)."""
+    return fused_bn_ops(lib, x, grad, weight, bias, slope, groups)
 
 
 def separate_batches(x, grad, weight, bias, slope, groups) -> dict[str, torch.Tensor]:
