@@ -92,29 +92,42 @@ __global__ void __launch_bounds__(kBlockThreads)
       });
 }
 
-// Forward, NCHW: plane (n, c) of out is relu(skip plane (n, c)) for c < first, else x plane (n, c - first).
-template <typename scalar_t, int kV>
-__global__ void __launch_bounds__(kBlockThreads)
-    relu_cat_planes_kernel(const scalar_t* skip, const scalar_t* x, scalar_t* out, int64_t planes,
-                           Parts parts, int64_t plane_size) {
+// The NCHW kernels' walk: each thread visits the planes blockIdx.x * blockDim.y + threadIdx.y + k * gridDim.x *
+// blockDim.y, and in each the kV-vectors (columns) blockIdx.y * blockDim.x + threadIdx.x + k * gridDim.y *
+// blockDim.x; for each plane `visit(plane, columns)` gets a function that runs strided_loop(load, store) over
+// this thread's columns of it.
+template <int kV, typename Visit>
+__device__ __forceinline__ void for_each_plane(int64_t planes, int64_t plane_size, const Visit& visit) {
   const int64_t columns = plane_size / kV;
   const int64_t column0 = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (column0 >= columns) {
     return;
   }
   const int64_t column_stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  const auto own_columns = [&](const auto& load, const auto& store) {
+    strided_loop(column0, columns, column_stride, load, store);
+  };
   for (int64_t plane = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; plane < planes;
        plane += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    visit(plane, own_columns);
+  }
+}
+
+// Forward, NCHW: plane (n, c) of out is relu(skip plane (n, c)) for c < first, else x plane (n, c - first).
+template <typename scalar_t, int kV>
+__global__ void __launch_bounds__(kBlockThreads)
+    relu_cat_planes_kernel(const scalar_t* skip, const scalar_t* x, scalar_t* out, int64_t planes,
+                           Parts parts, int64_t plane_size) {
+  for_each_plane<kV>(planes, plane_size, [&](int64_t plane, const auto& own_columns) {
     const PartIndex part = parts.of_plane(plane);
     const bool in_skip = part.in_first;
     const scalar_t* source = (in_skip ? skip : x) + part.index * plane_size;
     scalar_t* target = out + plane * plane_size;
-    strided_loop(
-        column0, columns, column_stride, [&](int64_t column) { return load_vec<kV>(source, column * kV); },
-        [&](const Vec<scalar_t, kV>& v, int64_t column) {
-          store_vec<kV>(target, column * kV, in_skip ? relu_lanes<kV>(v) : v);
-        });
-  }
+    own_columns([&](int64_t column) { return load_vec<kV>(source, column * kV); },
+                [&](const Vec<scalar_t, kV>& v, int64_t column) {
+                  store_vec<kV>(target, column * kV, in_skip ? relu_lanes<kV>(v) : v);
+                });
+  });
 }
 
 // Backward, channels_last: grad row r = [grad_skip row r (masked by skip), grad_x row r].
@@ -152,21 +165,13 @@ template <typename scalar_t, int kV>
 __global__ void __launch_bounds__(kBlockThreads)
     relu_cat_backward_planes_kernel(const scalar_t* grad, const scalar_t* skip, scalar_t* grad_skip,
                                     scalar_t* grad_x, int64_t planes, Parts parts, int64_t plane_size) {
-  const int64_t columns = plane_size / kV;
-  const int64_t column0 = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (column0 >= columns) {
-    return;
-  }
-  const int64_t column_stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
-  for (int64_t plane = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; plane < planes;
-       plane += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  for_each_plane<kV>(planes, plane_size, [&](int64_t plane, const auto& own_columns) {
     const PartIndex part = parts.of_plane(plane);
     const bool in_skip = part.in_first;
     const scalar_t* source = grad + plane * plane_size;
     const scalar_t* mask = in_skip ? skip + part.index * plane_size : nullptr;  // read in the skip part only
     scalar_t* target = (in_skip ? grad_skip : grad_x) + part.index * plane_size;
-    strided_loop(
-        column0, columns, column_stride,
+    own_columns(
         [&](int64_t column) {
           GradAndValue<scalar_t, kV> in{};
           in.grad = load_vec<kV>(source, column * kV);
@@ -178,7 +183,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         [&](const GradAndValue<scalar_t, kV>& in, int64_t column) {
           store_vec<kV>(target, column * kV, in_skip ? relu_grad_lanes<kV>(in) : in.grad);
         });
-  }
+  });
 }
 
 // Whether kV-wide vectors never straddle the two parts: kV divides both channel counts (rows) or the plane

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fastpix2pix._extension import REBUILD_HINT, extension_available
-from fastpix2pix.ops.reference import GAN_MODES, check_batch_groups
+from fastpix2pix.ops.reference import GAN_MODES, check_batch_groups, check_gan_losses_args
 from fastpix2pix.ops.running_stats import update_running_stats
 
 __all__ = [
@@ -135,11 +135,7 @@ def gan_loss(logits: torch.Tensor, target_is_real: bool, mode: str = "vanilla") 
 def gan_losses(logits: torch.Tensor, targets_are_real: Sequence[bool], mode: str = "vanilla") -> torch.Tensor:
     """The GAN losses of the batch's equal parts against their targets in one op (values and gradient in the
     same pass): :func:`fastpix2pix.ops.reference.gan_losses`."""
-    if mode not in GAN_MODES:
-        raise ValueError(f"gan_losses: mode must be one of {GAN_MODES}, got {mode!r}")
-    if not targets_are_real:
-        raise ValueError("gan_losses: targets_are_real must name the target of at least one part")
-    check_batch_groups(logits.shape[0] if logits.dim() else 0, len(targets_are_real), "gan_losses")
+    check_gan_losses_args(logits, targets_are_real, mode)
     losses, _ = _lib.gan_losses(logits, [bool(t) for t in targets_are_real], mode, _wants_grad(logits))
     return losses
 
@@ -383,10 +379,22 @@ def _conv_bias_act_backward_fake(
 
 
 def _conv_bn_act_setup(ctx, inputs, output) -> None:
-    x, weight, bn_weight, bn_bias, _, _, stride, padding, output_padding, transposed, training, eps, slope = (
-        inputs[:13]
-    )
-    groups = inputs[13] if len(inputs) > 13 else 1
+    (
+        x,
+        weight,
+        bn_weight,
+        bn_bias,
+        _,
+        _,
+        stride,
+        padding,
+        output_padding,
+        transposed,
+        training,
+        eps,
+        slope,
+        groups,
+    ) = inputs  # the schema's defaults filled in: always all 14
     _, conv_out, mean, var = output
     ctx.mark_non_differentiable(conv_out, mean, var)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nothing differentiates
@@ -394,12 +402,11 @@ def _conv_bn_act_setup(ctx, inputs, output) -> None:
     ctx.conv_args = (stride, padding, output_padding, transposed)
     ctx.bn_args = (training, eps, slope)
     ctx.groups = groups
-    ctx.num_inputs = len(inputs)
 
 
 def _conv_bn_act_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
     if grad_out is None:  # the block's output reached no loss
-        return (None,) * ctx.num_inputs
+        return (None,) * 14
     x, weight, conv_out, bn_weight, bn_bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[1], bn_weight is not None and needs[2], bn_bias is not None and needs[3]]
@@ -417,7 +424,7 @@ def _conv_bn_act_backward(ctx, grad_out, _grad_conv_out, _grad_mean, _grad_var):
         output_mask,
         ctx.groups,
     )
-    return (grad_x, grad_weight, grad_bn_weight, grad_bn_bias, *([None] * (ctx.num_inputs - 4)))
+    return (grad_x, grad_weight, grad_bn_weight, grad_bn_bias, *([None] * 10))
 
 
 def _conv_bias_act_setup(ctx, inputs, output) -> None:

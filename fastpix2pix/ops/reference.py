@@ -128,13 +128,20 @@ def gan_losses(logits: torch.Tensor, targets_are_real: Sequence[bool], mode: str
     """The :func:`gan_loss` of each of ``len(targets_are_real)`` equal consecutive parts of the batch, part g
     against target ``targets_are_real[g]``: a 1-D tensor of the parts' losses (the discriminator's fake and
     real maps, computed as one batch)."""
-    if not targets_are_real:
-        raise ValueError("gan_losses: targets_are_real must name the target of at least one part")
-    check_batch_groups(logits.shape[0] if logits.dim() else 0, len(targets_are_real), "gan_losses")
+    check_gan_losses_args(logits, targets_are_real, mode)
     parts = logits.chunk(len(targets_are_real)) if logits.shape[0] else [logits] * len(targets_are_real)
     return torch.stack(
         [gan_loss(part, real, mode) for part, real in zip(parts, targets_are_real, strict=True)]
     )
+
+
+def check_gan_losses_args(logits: torch.Tensor, targets_are_real: Sequence[bool], mode: str) -> None:
+    """:func:`gan_losses`'s arguments: a known mode, at least one target, a batch that splits into as many."""
+    if mode not in GAN_MODES:
+        raise ValueError(f"gan_losses: mode must be one of {GAN_MODES}, got {mode!r}")
+    if not targets_are_real:
+        raise ValueError("gan_losses: targets_are_real must name the target of at least one part")
+    check_batch_groups(logits.shape[0] if logits.dim() else 0, len(targets_are_real), "gan_losses")
 
 
 def l1_loss(pred: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
